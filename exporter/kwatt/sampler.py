@@ -1,0 +1,285 @@
+"""The sampling loop: read sources and workloads, attribute, accumulate, publish.
+
+One cycle per ``--interval``, on its own thread, independent of scrapes. Each cycle ends by
+publishing an immutable snapshot that the collector renders.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+from kwatt.attribution import (
+    ComponentEnergy,
+    WorkloadActivity,
+    attribute_component,
+    exclusive_cpu_seconds,
+)
+from kwatt.baseline import IdleBaseline
+from kwatt.config import Config
+from kwatt.faults import Fault
+from kwatt.ledger import EnergyLedger, LedgerSnapshot, WorkloadLabels
+from kwatt.logs import RateLimitedLog
+from kwatt.sources import model as estimation
+from kwatt.sources.procfs import NodeCpuTimes, read_memory_bytes, read_node_cpu
+from kwatt.sources.rapl import (
+    RaplCounters,
+    RaplZone,
+    component_energy_joules,
+    discover_rapl_zones,
+    read_rapl_zones,
+)
+from kwatt.workloads.cgroups import (
+    CgroupIdentity,
+    CgroupLayout,
+    CgroupUsage,
+    detect_cgroup_layout,
+    scan_cgroups,
+)
+from kwatt.workloads.naming import WorkloadNamer
+
+log = logging.getLogger("kwatt.sampler")
+
+
+@dataclass(frozen=True)
+class CycleReport:
+    """What one cycle did, for --once and for tests that step the sampler."""
+
+    dt: float | None
+    utilisation: float | None
+    node_watts: dict[tuple[str, str], float]
+    workload_watts: dict[Hashable, float]
+
+
+class Sampler:
+    def __init__(self, config: Config, namer: WorkloadNamer,
+                 clock: Callable[[], float] = time.monotonic,
+                 include_host_units: bool = True) -> None:
+        self._config = config
+        self._namer = namer
+        self._clock = clock
+        self._include_host_units = include_host_units
+        self.ledger = EnergyLedger(config.retention_seconds, config.max_retained_containers)
+        self._snapshot = LedgerSnapshot()
+        self._faultlog = RateLimitedLog(log)
+        self._rapl_counters = RaplCounters()
+        self._zones: list[RaplZone] = []
+        self._cgroup_layout: CgroupLayout | None = None
+        self._previous_cpu: NodeCpuTimes | None = None
+        self._previous_time: float | None = None
+        self._previous_usage: dict[str, float] = {}
+        self._baselines = {
+            component: IdleBaseline(config.attribution.idle_learn_window_seconds,
+                                    config.attribution.idle_learn_max_utilisation)
+            for component in ("cpu", "dram")}
+        self._configured_idle = {"cpu": config.attribution.idle_watts_cpu,
+                                 "dram": config.attribution.idle_watts_dram}
+        self._memory_bytes: int | None = None
+        self._last_faults: set[tuple[str, str, str]] = set()
+        self._discover()
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def _discover(self) -> None:
+        cfg = self._config
+        zones, faults = discover_rapl_zones(cfg.sysfs)
+        reading = read_rapl_zones(zones)
+        faults.extend(reading.faults)
+        self._zones = zones
+        for fault in faults:
+            self._report(fault)
+        readable = [z.zone for z in zones if z in reading.energy_uj]
+        if readable:
+            log.info("reading RAPL energy counters", extra={"zones": ",".join(readable)})
+        else:
+            why = "no powercap intel-rapl zones" if not zones else \
+                "no RAPL zone is readable (" + faults[0].reason + ")"
+            log.warning(
+                "energy is estimated: %s under %s; using the linear per-vCPU model "
+                "(%.2f-%.2f W per vCPU); node series carry source=estimated",
+                why, cfg.sysfs, cfg.model.cpu_watts_idle_per_vcpu,
+                cfg.model.cpu_watts_max_per_vcpu)
+        self._cgroup_layout = detect_cgroup_layout(cfg.sysfs)
+        if self._cgroup_layout is None:
+            self._report(Fault("cgroup", "absent", f"{cfg.sysfs}/fs/cgroup",
+                               "no cgroup v2 hierarchy nor v1 cpuacct controller"))
+        else:
+            log.info("reading cgroup CPU time", extra={
+                "cgroup_version": self._cgroup_layout.version, "root": self._cgroup_layout.root})
+        memory, memory_fault = read_memory_bytes(cfg.procfs)
+        self._memory_bytes = memory
+        if memory_fault is not None and cfg.model.estimate_dram:
+            self._report(memory_fault)
+
+    # -- health ---------------------------------------------------------------------------
+
+    def _report(self, fault: Fault) -> None:
+        self.ledger.count_error(fault.source, fault.reason)
+        key = f"{fault.source}|{fault.reason}|{fault.subject}"
+        self._faultlog.log(logging.WARNING, key, "source read failed", source=fault.source,
+                           reason=fault.reason, subject=fault.subject, detail=fault.detail)
+
+    # -- one cycle ------------------------------------------------------------------------
+
+    def snapshot(self) -> LedgerSnapshot:
+        return self._snapshot
+
+    def sample(self) -> CycleReport:
+        started = time.perf_counter()
+        now = self._clock()
+        cfg = self._config
+        faults: list[Fault] = []
+
+        cpu_times, fault = read_node_cpu(cfg.procfs)
+        if fault is not None:
+            faults.append(fault)
+        rapl_reading = read_rapl_zones(self._zones) if self._zones else None
+        if rapl_reading is not None:
+            faults.extend(rapl_reading.faults)
+        cgroups: tuple[CgroupUsage, ...] = ()
+        if self._cgroup_layout is not None:
+            scan = scan_cgroups(self._cgroup_layout,
+                                include_host_units=self._include_host_units)
+            cgroups = scan.cgroups
+            faults.extend(scan.faults)
+
+        zone_deltas: dict[RaplZone, float] = {}
+        if rapl_reading is not None:
+            zone_deltas, wrap_faults = self._rapl_counters.advance(rapl_reading)
+            faults.extend(wrap_faults)
+
+        dt = None if self._previous_time is None else now - self._previous_time
+        utilisation: float | None = None
+        node_busy_seconds = 0.0
+        if cpu_times is not None and self._previous_cpu is not None:
+            busy = cpu_times.busy_ticks - self._previous_cpu.busy_ticks
+            idle = cpu_times.idle_ticks - self._previous_cpu.idle_ticks
+            if busy >= 0 and idle >= 0 and busy + idle > 0:
+                utilisation = busy / (busy + idle)
+                node_busy_seconds = busy / cfg.clock_ticks_per_second
+
+        activities, present = self._workload_activity(cgroups, first=dt is None)
+        report_watts: dict[tuple[str, str], float] = {}
+        workload_joules: dict[Hashable, float] = {}
+        if dt is not None and dt > 0:
+            for zone, joules in zone_deltas.items():
+                self.ledger.add_zone(zone.zone, zone.index, joules)
+            for energy in self._node_components(zone_deltas, cpu_times, utilisation, dt):
+                if utilisation is None:
+                    # Without node CPU time nothing can be split: book it, charge nobody.
+                    self.ledger.add_node(energy.component, energy.source, energy.joules)
+                    self.ledger.add_unattributed(energy.component, "system", energy.joules)
+                else:
+                    split = attribute_component(energy, utilisation, node_busy_seconds,
+                                                activities, cfg.attribution.idle_policy)
+                    self.ledger.add_split(split)
+                    for key, joules in split.to_workloads.items():
+                        workload_joules[key] = workload_joules.get(key, 0.0) + joules
+                report_watts[(energy.component, energy.source)] = energy.joules / dt
+            self.ledger.node_power = dict(report_watts)
+
+        self.ledger.observe_workloads(present, now)
+        self._previous_time = now
+        if cpu_times is not None:
+            self._previous_cpu = cpu_times
+        self._publish_health(faults, rapl_reading is not None)
+        self.ledger.observe_cycle(time.perf_counter() - started, now)
+        self._snapshot = self.ledger.snapshot()
+        return CycleReport(dt, utilisation, report_watts,
+                           {k: j / dt for k, j in workload_joules.items()} if dt else {})
+
+    def _workload_activity(self, cgroups: tuple[CgroupUsage, ...], first: bool
+                           ) -> tuple[list[WorkloadActivity[Hashable]],
+                                      dict[Hashable, WorkloadLabels | None]]:
+        deltas: dict[str, float] = {}
+        parents: dict[str, str | None] = {}
+        identities: dict[str, CgroupIdentity] = {}
+        usage_now: dict[str, float] = {}
+        for cgroup in cgroups:
+            usage_now[cgroup.path] = cgroup.usage_seconds
+            parents[cgroup.path] = cgroup.parent
+            identities[cgroup.path] = cgroup.identity
+            previous = self._previous_usage.get(cgroup.path)
+            if previous is None:
+                # New since the last cycle: all of its CPU time was spent in this interval.
+                # On the very first cycle we cannot know that, so it only sets the baseline.
+                deltas[cgroup.path] = 0.0 if first else cgroup.usage_seconds
+            elif cgroup.usage_seconds < previous:
+                deltas[cgroup.path] = cgroup.usage_seconds  # recreated under the same path
+            else:
+                deltas[cgroup.path] = cgroup.usage_seconds - previous
+        self._previous_usage = usage_now
+        exclusive = exclusive_cpu_seconds(deltas, parents)
+        activities: list[WorkloadActivity[Hashable]] = []
+        present: dict[Hashable, WorkloadLabels | None] = {}
+        for path, seconds in exclusive.items():
+            identity = identities[path]
+            activities.append(WorkloadActivity(identity, seconds,
+                                               self._namer.cpu_request(identity)))
+            present[identity] = self._namer.name(identity)
+        return activities, present
+
+    def _node_components(self, zone_deltas: dict[RaplZone, float],
+                         cpu_times: NodeCpuTimes | None, utilisation: float | None,
+                         dt: float) -> list[ComponentEnergy]:
+        measured = component_energy_joules(self._zones, zone_deltas)
+        out: list[ComponentEnergy] = []
+        for component, joules in measured.items():
+            watts = joules / dt
+            baseline = self._configured_idle.get(component)
+            if baseline is None:
+                baseline = self._baselines[component].watts()
+                if utilisation is not None:
+                    self._baselines[component].observe(self._clock(), watts, utilisation)
+            out.append(ComponentEnergy(component, "rapl", joules,
+                                       None if baseline is None else baseline * dt))
+        missing = [c for c in ("cpu", "dram") if c not in measured]
+        if missing and cpu_times is not None and utilisation is not None:
+            for estimate in estimation.estimate_node_power(
+                    cpu_times.vcpus, utilisation, self._memory_bytes, self._config.model):
+                if estimate.component in missing:
+                    out.append(ComponentEnergy(estimate.component, estimation.SOURCE,
+                                               estimate.watts * dt, estimate.idle_watts * dt))
+        return out
+
+    def _publish_health(self, faults: list[Fault], rapl_in_use: bool) -> None:
+        for fault in faults:
+            self._report(fault)
+        failed = {f.source for f in faults}
+        self.ledger.set_source_up("procfs", "procfs" not in failed)
+        self.ledger.set_source_up("cgroup", self._cgroup_layout is not None
+                                  and "cgroup" not in failed)
+        if rapl_in_use:
+            self.ledger.set_source_up("rapl", "rapl" not in failed)
+        if "estimated" in {s for (_, s) in self.ledger.node_energy}:
+            self.ledger.set_source_up("model", "procfs" not in failed)
+        current = {(f.source, f.reason, f.subject) for f in faults}
+        for source, reason, subject in self._last_faults - current:
+            self._faultlog.forget(f"{source}|{reason}|{subject}")
+            log.info("source read recovered", extra={"source": source, "subject": subject})
+        self._last_faults = current
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        interval = self._config.interval_seconds
+        deadline = self._clock()
+        behind = RateLimitedLog(log, every=300.0, clock=self._clock)
+        while not stop.is_set():
+            try:
+                self.sample()
+            except Exception:  # a bug must not kill the loop: log, count, go on
+                log.exception("sampler cycle failed")
+                self.ledger.count_error("sampler", "api")
+            deadline += interval
+            delay = deadline - self._clock()
+            if delay < 0:
+                skipped = int(-delay // interval) + 1
+                behind.log(logging.WARNING, "behind", "sampling is falling behind; skipping "
+                           "missed intervals", skipped=skipped, interval_seconds=interval)
+                deadline += skipped * interval
+                delay = deadline - self._clock()
+            stop.wait(max(delay, 0.0))

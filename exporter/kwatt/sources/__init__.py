@@ -1,0 +1,1 @@
+"""Readers of hardware energy: RAPL powercap, NVML and the estimation model."""
