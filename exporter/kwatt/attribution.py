@@ -50,6 +50,8 @@ class ComponentSplit(Generic[K]):
     to_workloads: Mapping[K, float] = field(default_factory=dict)
     idle: float = 0.0  # static energy left unattributed
     system: float = 0.0  # active energy of processes outside workload cgroups
+    # Other unattributed buckets by reason, e.g. {"unallocated": J} for GPUs nobody holds.
+    other: Mapping[str, float] = field(default_factory=dict)
 
 
 def split_idle(energy: ComponentEnergy, utilisation: float) -> tuple[float, float]:

@@ -109,6 +109,8 @@ class EnergyLedger:
             self.add_workload(key, split.component, joules)
         self.add_unattributed(split.component, "idle", split.idle)
         self.add_unattributed(split.component, "system", split.system)
+        for reason, joules in split.other.items():
+            self.add_unattributed(split.component, reason, joules)
 
     def add_workload(self, key: Hashable, component: str, joules: float) -> None:
         if joules <= 0:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from kwatt.attribution import (
     ComponentEnergy,
+    ComponentSplit,
     WorkloadActivity,
     attribute_component,
     exclusive_cpu_seconds,
@@ -45,6 +47,27 @@ log = logging.getLogger("kwatt.sampler")
 
 
 @dataclass(frozen=True)
+class StageResult:
+    """What an extra energy stage (e.g. GPUs) contributes to one cycle."""
+
+    splits: Sequence[ComponentSplit[Hashable]] = ()  # booked like CPU/DRAM splits
+    faults: Sequence[Fault] = ()
+    source_up: Mapping[str, bool] = field(default_factory=dict)
+
+
+class EnergyStage(Protocol):
+    """A further energy source with its own attribution, run once per cycle after CPU/DRAM.
+
+    ``workloads`` maps every workload cgroup identity present this cycle to its labels
+    (None while unnamed), so a stage can find the ledger key of a container it knows by
+    name (PodResources) or by cgroup path (a PID's /proc/<pid>/cgroup).
+    """
+
+    def sample(self, now: float,
+               workloads: Mapping[CgroupIdentity, WorkloadLabels | None]) -> StageResult: ...
+
+
+@dataclass(frozen=True)
 class CycleReport:
     """What one cycle did, for --once and for tests that step the sampler."""
 
@@ -57,8 +80,10 @@ class CycleReport:
 class Sampler:
     def __init__(self, config: Config, namer: WorkloadNamer,
                  clock: Callable[[], float] = time.monotonic,
-                 include_host_units: bool = True) -> None:
+                 include_host_units: bool = True,
+                 stages: Sequence[EnergyStage] = ()) -> None:
         self._config = config
+        self._stages = tuple(stages)
         self._namer = namer
         self._clock = clock
         self._include_host_units = include_host_units
@@ -179,6 +204,21 @@ class Sampler:
                     for key, joules in split.to_workloads.items():
                         workload_joules[key] = workload_joules.get(key, 0.0) + joules
                 report_watts[(energy.component, energy.source)] = energy.joules / dt
+        identities = {k: v for k, v in present.items() if isinstance(k, CgroupIdentity)}
+        for stage in self._stages:
+            result = stage.sample(now, identities)
+            faults.extend(result.faults)
+            for source, up in result.source_up.items():
+                self.ledger.set_source_up(source, up)
+            for split in result.splits:
+                self.ledger.add_split(split)
+                for key, joules in split.to_workloads.items():
+                    workload_joules[key] = workload_joules.get(key, 0.0) + joules
+                if dt:
+                    report_watts[(split.component, split.source)] = (
+                        report_watts.get((split.component, split.source), 0.0)
+                        + split.joules / dt)
+        if dt is not None and dt > 0:
             self.ledger.node_power = dict(report_watts)
 
         self.ledger.observe_workloads(present, now)
