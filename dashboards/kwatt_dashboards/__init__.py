@@ -1,0 +1,1 @@
+"""kwatt's Grafana dashboards and Prometheus rules, as code."""

@@ -1,0 +1,100 @@
+"""Command line: regenerate the committed dashboards and rules, or check they are current.
+
+    python dashboards/generate.py                 # write dashboards/grafana/*.json and rules
+    python dashboards/generate.py --check         # exit 1 when a committed file differs
+    python dashboards/generate.py rules --gpu-idle-utilization 0.1 --output my-rules.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kwatt_dashboards.rules import RuleParams, render_rules
+
+DASHBOARDS_DIR = Path(__file__).resolve().parent.parent
+GRAFANA_DIR = DASHBOARDS_DIR / "grafana"
+RULES_FILE = DASHBOARDS_DIR / "rules" / "kwatt-rules.yaml"
+
+
+def render_dashboards() -> dict[str, str]:
+    """File name -> JSON text of every shipped dashboard."""
+    from kwatt_dashboards.catalog import all_dashboards
+
+    return {f"{uid}.json": json.dumps(model, indent=2, sort_keys=True) + "\n"
+            for uid, model in all_dashboards().items()}
+
+
+def _budget(text: str) -> tuple[str, float]:
+    namespace, sep, kwh = text.partition("=")
+    if not sep or not namespace:
+        raise argparse.ArgumentTypeError(f"expected NAMESPACE=KWH, got {text!r}")
+    try:
+        return namespace, float(kwh)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"budget {text!r}: {kwh!r} is not a number") from exc
+
+
+def _add_rule_flags(parser: argparse.ArgumentParser) -> None:
+    for item in dataclasses.fields(RuleParams):
+        if item.name == "namespace_budgets_kwh":
+            continue
+        flag = "--" + item.name.replace("_", "-")
+        kind = float if isinstance(item.default, float) else str
+        parser.add_argument(flag, dest=item.name, type=kind, default=item.default,
+                            help=f"default {item.default}")
+    parser.add_argument("--namespace-budget", dest="budgets", type=_budget, action="append",
+                        default=[], metavar="NAMESPACE=KWH",
+                        help="energy budget per rolling day (repeatable)")
+
+
+def _params(args: argparse.Namespace) -> RuleParams:
+    values = {item.name: getattr(args, item.name) for item in dataclasses.fields(RuleParams)
+              if item.name != "namespace_budgets_kwh"}
+    return RuleParams(**values, namespace_budgets_kwh=dict(args.budgets))
+
+
+def _write_or_check(path: Path, text: str, check: bool) -> bool:
+    current = path.read_text(encoding="utf-8") if path.exists() else None
+    if current == text:
+        return True
+    if check:
+        print(f"{path}: out of date, run dashboards/generate.py", file=sys.stderr)
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    print(f"wrote {path}")
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="generate.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true",
+                        help="compare with the committed files instead of writing")
+    sub = parser.add_subparsers(dest="command")
+    rules = sub.add_parser("rules", help="render the rules file with other thresholds")
+    rules.add_argument("--output", "-o", default="-", help="file to write, - for stdout")
+    _add_rule_flags(rules)
+    args = parser.parse_args(argv)
+
+    if args.command == "rules":
+        text = render_rules(_params(args))
+        if args.output == "-":
+            sys.stdout.write(text)
+        else:
+            Path(args.output).write_text(text, encoding="utf-8")
+        return 0
+
+    ok = _write_or_check(RULES_FILE, render_rules(RuleParams()), args.check)
+    expected = render_dashboards()
+    for name, text in expected.items():
+        ok = _write_or_check(GRAFANA_DIR / name, text, args.check) and ok
+    for stale in sorted(set(p.name for p in GRAFANA_DIR.glob("*.json")) - set(expected)):
+        print(f"{GRAFANA_DIR / stale}: no dashboard generates it", file=sys.stderr)
+        ok = False
+    return 0 if ok else 1

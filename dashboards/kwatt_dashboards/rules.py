@@ -1,0 +1,247 @@
+"""Prometheus recording and alert rules for kwatt, generated from one set of parameters.
+
+The emitted file (dashboards/rules/kwatt-rules.yaml) is the single source for plain
+Prometheus (``rule_files:``) and for the Helm chart's PrometheusRule, which wraps the same
+``groups`` list. Thresholds live in :class:`RuleParams`; change them with the CLI
+(``python dashboards/generate.py rules --help``) and regenerate, never by editing the YAML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+JOULES_PER_KWH = 3.6e6
+RUNBOOK_BASE = "https://github.com/kwatt-project/kwatt/blob/main/docs/runbooks.md"
+
+# Every aggregation keeps `cluster` so multi-cluster Prometheus setups (cluster added by
+# relabelling) stay separated; where the label is absent `by (cluster)` simply drops it.
+BY_NODE = "cluster, node"
+
+
+@dataclass(frozen=True)
+class RuleParams:
+    """Tunable thresholds; the defaults are what the shipped file is generated with."""
+
+    job: str = "kwatt"
+    rate_window: str = "5m"
+    exporter_down_for: str = "5m"
+    exporter_absent_for: str = "15m"
+    source_down_for: str = "10m"
+    estimation_for: str = "15m"
+    estimation_lookback: str = "1d"
+    gpu_idle_utilization: float = 0.05
+    gpu_idle_window: str = "30m"
+    gpu_idle_for: str = "1h"
+    budget_for: str = "15m"
+    unattributed_reasons: str = "system|unallocated"
+    unattributed_ratio: float = 0.3
+    unattributed_for: str = "30m"
+    sample_duration_ratio: float = 0.5
+    sample_rate_ratio: float = 0.8
+    sampling_for: str = "15m"
+    # namespace -> kWh per rolling day; users add more with their own recording rules.
+    namespace_budgets_kwh: dict[str, float] = field(default_factory=dict)
+
+
+def runbook(alert: str) -> str:
+    return f"{RUNBOOK_BASE}#{alert.lower()}"
+
+
+def _alert(name: str, expr: str, for_: str, severity: str, summary: str,
+           description: str) -> dict[str, Any]:
+    return {
+        "alert": name,
+        "expr": expr,
+        "for": for_,
+        "labels": {"severity": severity},
+        "annotations": {
+            "summary": summary,
+            "description": description,
+            "runbook_url": runbook(name),
+        },
+    }
+
+
+def _record(name: str, expr: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    rule: dict[str, Any] = {"record": name, "expr": expr}
+    if labels:
+        rule["labels"] = labels
+    return rule
+
+
+def recording_groups(p: RuleParams) -> list[dict[str, Any]]:
+    w = p.rate_window
+    power = [
+        _record(f"node:kwatt_power_watts:sum_rate{w}",
+                f"sum by ({BY_NODE}, component, source) "
+                f"(rate(kwatt_node_energy_joules_total[{w}]))"),
+        _record(f"namespace:kwatt_power_watts:sum_rate{w}",
+                f"sum by (cluster, namespace, component) "
+                f"(rate(kwatt_namespace_energy_joules_total[{w}]))"),
+        _record(f"workload:kwatt_power_watts:sum_rate{w}",
+                f"sum by (cluster, namespace, workload_kind, workload, component) "
+                f"(rate(kwatt_container_energy_joules_total[{w}]))"),
+        _record(f"pod:kwatt_power_watts:sum_rate{w}",
+                f"sum by (cluster, namespace, pod, component) "
+                f"(rate(kwatt_container_energy_joules_total[{w}]))"),
+        _record(f"node_reason:kwatt_unattributed_energy:ratio_rate{w}",
+                f"sum by ({BY_NODE}, reason) "
+                f"(rate(kwatt_unattributed_energy_joules_total[{w}]))\n"
+                f"/ on ({BY_NODE}) group_left ()\n"
+                f"sum by ({BY_NODE}) (rate(kwatt_node_energy_joules_total[{w}]))"),
+    ]
+    # Daily energy, then carbon and cost per node first: intensity, price and PUE are per
+    # node (nodes may sit in different regions), so the join happens before summing.
+    daily = [
+        _record("node_namespace:kwatt_energy_joules:increase1d",
+                "sum by (cluster, node, namespace) "
+                "(increase(kwatt_namespace_energy_joules_total[1d]))"),
+        _record("namespace:kwatt_energy_joules:increase1d",
+                "sum by (cluster, namespace) (node_namespace:kwatt_energy_joules:increase1d)"),
+        _record("workload:kwatt_energy_joules:increase1d",
+                "sum by (cluster, namespace, workload_kind, workload) "
+                "(increase(kwatt_container_energy_joules_total[1d]))"),
+        _record("node:kwatt_carbon_grams_per_kwh:pue",
+                "kwatt_carbon_intensity_grams_per_kwh * on (cluster, node) kwatt_pue_ratio"),
+        _record("node:kwatt_energy_price_per_kwh:pue",
+                "sum by (cluster, node, currency) (\n"
+                "  kwatt_energy_price_per_kwh * on (cluster, node) group_left () "
+                "kwatt_pue_ratio\n)"),
+        _record("namespace:kwatt_carbon_grams:increase1d",
+                "sum by (cluster, namespace) (\n"
+                "  node_namespace:kwatt_energy_joules:increase1d / 3600000\n"
+                "  * on (cluster, node) group_left () node:kwatt_carbon_grams_per_kwh:pue\n)"),
+        _record("namespace:kwatt_cost:increase1d",
+                "sum by (cluster, namespace, currency) (\n"
+                "  node_namespace:kwatt_energy_joules:increase1d / 3600000\n"
+                "  * on (cluster, node) group_left (currency) "
+                "node:kwatt_energy_price_per_kwh:pue\n)"),
+        _record(f"namespace:kwatt_carbon_grams_per_hour:rate{w}",
+                "sum by (cluster, namespace) (\n"
+                f"  sum by (cluster, node, namespace) "
+                f"(rate(kwatt_namespace_energy_joules_total[{w}])) / 1000\n"
+                "  * on (cluster, node) group_left () node:kwatt_carbon_grams_per_kwh:pue\n)"),
+    ]
+    groups = [
+        {"name": "kwatt.power", "rules": power},
+        {"name": "kwatt.energy-carbon-cost", "rules": daily},
+    ]
+    if p.namespace_budgets_kwh:
+        groups.append({"name": "kwatt.budgets", "rules": [
+            _record("kwatt_namespace_energy_budget_joules",
+                    f"vector({kwh * JOULES_PER_KWH:.0f})", {"namespace": ns})
+            for ns, kwh in sorted(p.namespace_budgets_kwh.items())]})
+    return groups
+
+
+def alert_group(p: RuleParams) -> dict[str, Any]:
+    w = p.rate_window
+    job = f'job="{p.job}"'
+    rules = [
+        _alert("KwattExporterDown", f"up{{{job}}} == 0", p.exporter_down_for, "warning",
+               "kwatt exporter {{ $labels.instance }} is down",
+               "Prometheus cannot scrape kwatt at {{ $labels.instance }}: energy of that "
+               "node is not being recorded."),
+        _alert("KwattExporterAbsent", f"absent(up{{{job}}})", p.exporter_absent_for,
+               "warning", "No kwatt exporter is scraped",
+               f"Prometheus has no target with {job}: no energy is recorded anywhere."),
+        _alert("KwattExporterMissingOnNode",
+               "max by (cluster, node) (kube_node_info)\n"
+               "unless on (cluster, node) max by (cluster, node) (kwatt_build_info)",
+               p.exporter_absent_for, "warning",
+               "kwatt does not run on node {{ $labels.node }}",
+               "kube-state-metrics lists node {{ $labels.node }} but no kwatt exporter "
+               "reports from it (DaemonSet not scheduled, tolerations, or crash loop)."),
+        _alert("KwattGpuNodeWithoutGpuMetrics",
+               'max by (cluster, node) (kube_node_status_capacity{resource="nvidia_com_gpu"}) '
+               "> 0\nunless on (cluster, node) max by (cluster, node) (kwatt_gpu_info)",
+               p.exporter_absent_for, "warning",
+               "GPU node {{ $labels.node }} has no kwatt GPU metrics",
+               "Node {{ $labels.node }} advertises {{ $value }} GPUs but kwatt exports no "
+               "GPU from it: the exporter is missing there or cannot load NVML."),
+        _alert("KwattSourceDown", "max by (cluster, node, source) (kwatt_source_up) == 0",
+               p.source_down_for, "warning",
+               "kwatt source {{ $labels.source }} is failing on {{ $labels.node }}",
+               "The {{ $labels.source }} source has failed every read for a while; see "
+               "kwatt_source_errors_total{source=\"{{ $labels.source }}\"} for the reason."),
+        _alert("KwattPowerFellBackToEstimation",
+               f"sum by (cluster, node, component) "
+               f'(rate(kwatt_node_energy_joules_total{{source="estimated"}}[{w}])) > 0\n'
+               f"and on (cluster, node, component)\n"
+               f"count by (cluster, node, component) (present_over_time("
+               f'kwatt_node_energy_joules_total{{source=~"rapl|nvml"}}'
+               f"[{p.estimation_lookback}]))",
+               p.estimation_for, "warning",
+               "{{ $labels.node }} {{ $labels.component }} power is estimated, was measured",
+               "Node {{ $labels.node }} measured {{ $labels.component }} energy in the last "
+               f"{p.estimation_lookback} but now uses the estimation model: energy numbers "
+               "are less accurate."),
+        _alert("KwattGpuAllocatedIdle",
+               "max by (cluster, node, uuid, gpu, namespace, pod, container) "
+               "(kwatt_gpu_allocation_info)\n"
+               "* on (cluster, node, uuid) group_left ()\n"
+               "(\n  max by (cluster, node, uuid) "
+               f"(max_over_time(kwatt_gpu_utilization_ratio[{p.gpu_idle_window}]))\n"
+               f"  < {p.gpu_idle_utilization:g}\n)",
+               p.gpu_idle_for, "info",
+               "GPU {{ $labels.gpu }} on {{ $labels.node }} is allocated but idle",
+               "{{ $labels.namespace }}/{{ $labels.pod }} holds GPU {{ $labels.uuid }} "
+               f"whose utilisation stayed under {p.gpu_idle_utilization:.0%} for "
+               f"{p.gpu_idle_window}; it burns idle power and blocks other workloads."),
+        _alert("KwattNamespaceOverEnergyBudget",
+               "namespace:kwatt_energy_joules:increase1d\n"
+               "> on (namespace) group_left () kwatt_namespace_energy_budget_joules",
+               p.budget_for, "warning",
+               "Namespace {{ $labels.namespace }} is over its energy budget",
+               "Namespace {{ $labels.namespace }} used {{ $value | humanize }}J in the last "
+               "24h, more than its kwatt_namespace_energy_budget_joules."),
+        _alert("KwattHighUnattributedShare",
+               f"sum by (cluster, node) (node_reason:kwatt_unattributed_energy:ratio_rate{w}"
+               f'{{reason=~"{p.unattributed_reasons}"}}) > {p.unattributed_ratio:g}',
+               p.unattributed_for, "info",
+               "{{ $value | humanizePercentage }} of {{ $labels.node }} energy is unattributed",
+               f"Energy charged to no workload (reasons {p.unattributed_reasons}) exceeds "
+               f"{p.unattributed_ratio:.0%} on {{{{ $labels.node }}}}."),
+        _alert("KwattSamplingBehind",
+               f"(\n  rate(kwatt_sample_duration_seconds_sum[{w}])\n"
+               f"  / rate(kwatt_sample_duration_seconds_count[{w}])\n"
+               f"  > on (cluster, node, job, instance) "
+               f"{p.sample_duration_ratio:g} * kwatt_sample_interval_seconds\n)\nor (\n"
+               f"  rate(kwatt_sample_duration_seconds_count[{w}])"
+               " * on (cluster, node, job, instance) kwatt_sample_interval_seconds\n"
+               f"  < {p.sample_rate_ratio:g}\n)",
+               p.sampling_for, "warning",
+               "kwatt sampling is falling behind on {{ $labels.node }}",
+               "Sampler cycles on {{ $labels.node }} take too long or run less often than "
+               "the configured interval: attribution becomes coarse and counters lag."),
+    ]
+    return {"name": "kwatt.alerts", "rules": rules}
+
+
+def build_rules(p: RuleParams) -> dict[str, Any]:
+    return {"groups": [*recording_groups(p), alert_group(p)]}
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+HEADER = (
+    "# Generated by dashboards/generate.py rules: do not edit, regenerate.\n"
+    "# Plain Prometheus: list this file under rule_files. Helm: scripts sync it into the\n"
+    "# chart, which wraps `groups` in a PrometheusRule.\n"
+)
+
+
+def render_rules(p: RuleParams) -> str:
+    return HEADER + yaml.dump(build_rules(p), Dumper=_Dumper, sort_keys=False, width=100)
