@@ -1,0 +1,121 @@
+"""Cluster energy: what the whole cluster draws and who uses it."""
+
+from __future__ import annotations
+
+from grafana_foundation_sdk.builders import dashboard
+
+from kwatt_dashboards.common import (
+    KWH,
+    PUE_CARBON,
+    UID_CLUSTER,
+    UID_NAMESPACE,
+    UID_WORKLOAD,
+    bars,
+    carbon_grams,
+    cluster_variable,
+    cost,
+    drill,
+    new_dashboard,
+    pie,
+    row,
+    sel,
+    single,
+    target,
+    ts,
+)
+
+NODE_E = f"kwatt_node_energy_joules_total{sel()}"
+NS_E = f"kwatt_namespace_energy_joules_total{sel()}"
+CT_E = f"kwatt_container_energy_joules_total{sel()}"
+UN_E = f"kwatt_unattributed_energy_joules_total{sel()}"
+
+
+def build(currency_unit: str) -> dashboard.Dashboard:
+    to_ns = drill(UID_NAMESPACE, "Namespace ${__field.labels.namespace}",
+                  namespace="namespace")
+    to_wl = drill(UID_WORKLOAD, "Workload ${__field.labels.workload}",
+                  namespace="namespace", workload="workload")
+    per_node_range = f"sum by (cluster, node) (increase({NODE_E}[$__range]))"
+    return (
+        new_dashboard(UID_CLUSTER, "Power, energy, carbon and cost of the whole cluster, and "
+                      "the namespaces and workloads that use it.", [cluster_variable()])
+        .with_row(row("Now and over the selected range"))
+        .with_panel(single(
+            "Power now", "Node power by component (cpu = RAPL package or psys, dram, gpu), "
+            "averaged over the rate interval.", "watt",
+            target(f"sum by (component) (rate({NODE_E}[$__rate_interval]))", "{{component}}",
+                   instant=True)))
+        .with_panel(single(
+            "Energy today", "Energy used by all nodes since local midnight.", "kwatth",
+            target(f"sum(increase({NODE_E}[$__range])) / {KWH}", "energy", instant=True),
+            time_from="now/d"))
+        .with_panel(single(
+            "Energy over range", "Energy used by all nodes over the dashboard time range.",
+            "kwatth", target(f"sum(increase({NODE_E}[$__range])) / {KWH}", "energy",
+                             instant=True)))
+        .with_panel(single(
+            "Carbon over range", "Emissions over the range: kWh per node x that node's grid "
+            "intensity (kwatt_carbon_intensity_grams_per_kwh) x PUE.", "massg",
+            target(carbon_grams(per_node_range), "CO2e", instant=True)))
+        .with_panel(single(
+            "Cost over range", "Energy cost over the range: kWh per node x price per kWh x "
+            "PUE, per currency.", currency_unit,
+            target(cost(per_node_range), "{{currency}}", instant=True)))
+        .with_panel(single(
+            "Carbon rate now", "Grams CO2e per hour at the current power draw, PUE included.",
+            "suffix:g/h",
+            target(f"sum(sum by (cluster, node) (rate({NODE_E}[$__rate_interval])) / 1000 "
+                   f"* on (cluster, node) group_left () {PUE_CARBON})", "g/h", instant=True)))
+        .with_row(row("Power and sources"))
+        .with_panel(ts(
+            "Power by component", "Node power by component and source (rapl, nvml: measured; "
+            "estimated: power model), summed over nodes.", "watt",
+            target(f"sum by (component, source) (rate({NODE_E}[$__rate_interval]))",
+                   "{{component}} ({{source}})"), stacked=True))
+        .with_panel(pie(
+            "Measured vs estimated", "Share of energy over the range that was measured (rapl, "
+            "nvml) or estimated by the power model.", "kwatth",
+            target(f"sum by (source) (increase({NODE_E}[$__range])) / {KWH}", "{{source}}",
+                   instant=True)))
+        .with_panel(ts(
+            "Unattributed share", "Share of node energy charged to no container: idle (static "
+            "power), system (processes outside containers), unallocated (GPUs nobody holds).",
+            "percentunit",
+            target(f"sum by (reason) (rate({UN_E}[$__rate_interval]))\n/ on () group_left () "
+                   f"sum(rate({NODE_E}[$__rate_interval]))", "{{reason}}"), width=6))
+        .with_row(row("Who uses it"))
+        .with_panel(bars(
+            "Top namespaces by energy", "The ten namespaces with most energy over the range, "
+            "finished pods included. Click a bar for the namespace dashboard.", "kwatth",
+            target(f"topk(10, sum by (namespace) (increase({NS_E}[$__range]))) / {KWH}",
+                   "{{namespace}}", instant=True), links=[to_ns]))
+        .with_panel(bars(
+            "Top workloads by energy", "The ten workloads (Deployment, StatefulSet, CronJob, "
+            "...) with most energy over the range. Click for the workload dashboard.",
+            "kwatth",
+            target(f"topk(10, sum by (namespace, workload_kind, workload) "
+                   f"(increase({CT_E}[$__range]))) / {KWH}",
+                   "{{namespace}}/{{workload}} ({{workload_kind}})", instant=True),
+            links=[to_wl]))
+        .with_panel(bars(
+            "Top namespaces by carbon", "Grams CO2e over the range per namespace, each node's "
+            "share weighted by its grid intensity and PUE.", "massg",
+            target(f"topk(10, sum by (namespace) (increase({NS_E}[$__range]) / {KWH}\n"
+                   f"* on (cluster, node) group_left () {PUE_CARBON}))", "{{namespace}}",
+                   instant=True), links=[to_ns]))
+        .with_panel(bars(
+            "Top namespaces by cost", "Energy cost over the range per namespace, PUE "
+            "included.", currency_unit,
+            target("topk(10, " + cost(f"increase({NS_E}[$__range])", "namespace, currency") + ")",
+                   "{{namespace}} ({{currency}})", instant=True), links=[to_ns]))
+        .with_panel(ts(
+            "Power by namespace", "Power drawn by each namespace's containers.", "watt",
+            target(f"sum by (namespace) (rate({NS_E}[$__rate_interval]))", "{{namespace}}"),
+            links=[to_ns], stacked=True))
+        .with_panel(ts(
+            "Energy per namespace, rolling 24h", "Recording rule "
+            "namespace:kwatt_energy_joules:increase1d: energy of the 24 hours before each "
+            "point.", "kwatth",
+            target(f"sum by (namespace) (namespace:kwatt_energy_joules:increase1d{sel()}) "
+                   f"/ {KWH}", "{{namespace}}"), links=[to_ns]))
+    )

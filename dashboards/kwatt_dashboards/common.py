@@ -1,0 +1,197 @@
+"""Shared building blocks: the datasource and chained variables, panel shortcuts, links.
+
+Conventions every dashboard follows (tests/test_dashboards_lint.py enforces them):
+one ``datasource`` variable used by every query; ``cluster`` first in the variable chain,
+tolerating Prometheus setups without a cluster label (All = ``.*``); counters only through
+``rate``/``increase`` with ``$__rate_interval`` or ``$__range``; every panel has a title,
+a description and a unit; links point at shipped dashboards by uid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from grafana_foundation_sdk.builders import (
+    bargauge,
+    dashboard,
+    piechart,
+    prometheus,
+    stat,
+    table,
+    timeseries,
+)
+from grafana_foundation_sdk.builders import common as common_builders
+from grafana_foundation_sdk.builders.dashboard import DashboardLink
+from grafana_foundation_sdk.cog.builder import Builder
+from grafana_foundation_sdk.models import common as common_models
+from grafana_foundation_sdk.models import dashboard as dm
+from grafana_foundation_sdk.models import prometheus as pm
+
+DS = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
+KWH = "3600000"  # joules per kWh
+
+# Dashboard uids: links use them, the lint test resolves them.
+UID_CLUSTER = "kwatt-cluster"
+UID_NAMESPACE = "kwatt-namespace"
+UID_WORKLOAD = "kwatt-workload"
+UID_GPU = "kwatt-gpu"
+UID_NODE = "kwatt-node"
+UID_EXPORTER = "kwatt-exporter"
+
+TITLES = {
+    UID_CLUSTER: "kwatt / Cluster energy",
+    UID_NAMESPACE: "kwatt / Namespace",
+    UID_WORKLOAD: "kwatt / Workload and pod",
+    UID_GPU: "kwatt / GPUs",
+    UID_NODE: "kwatt / Node",
+    UID_EXPORTER: "kwatt / Exporter health",
+}
+
+CLUSTER = 'cluster=~"$cluster"'
+# Per-node factors; PUE multiplies IT energy into facility energy.
+PUE_CARBON = (f"(kwatt_carbon_intensity_grams_per_kwh{{{CLUSTER}}} * on (cluster, node) "
+              f"kwatt_pue_ratio{{{CLUSTER}}})")
+PUE_PRICE = (f"(kwatt_energy_price_per_kwh{{{CLUSTER}}} * on (cluster, node) group_left () "
+             f"kwatt_pue_ratio{{{CLUSTER}}})")
+
+
+def carbon_grams(energy_joules_by_node: str) -> str:
+    """Grams CO2e of a per-node energy vector: kWh x grid intensity x PUE, joined per node."""
+    return (f"sum(\n  {energy_joules_by_node} / {KWH}\n"
+            f"  * on (cluster, node) group_left () {PUE_CARBON}\n)")
+
+
+def cost(energy_joules_by_node: str, by: str = "currency") -> str:
+    """Cost of a per-node energy vector: kWh x price x PUE, per currency."""
+    return (f"sum by ({by}) (\n  {energy_joules_by_node} / {KWH}\n"
+            f"  * on (cluster, node) group_left (currency) {PUE_PRICE}\n)")
+
+
+LAST_VALUE = common_builders.ReduceDataOptions().calcs(["lastNotNull"]).values(False)
+
+
+def datasource_variable() -> dashboard.DatasourceVariable:
+    return (dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus")
+            .description("Prometheus that scrapes kwatt and evaluates its rules."))
+
+
+def query_variable(name: str, label: str, metric: str, matchers: Sequence[str],
+                   description: str, include_all: bool = True) -> dashboard.QueryVariable:
+    selector = "{" + ", ".join(matchers) + "}" if matchers else ""
+    var = (dashboard.QueryVariable(name).label(label).description(description)
+           .query({"query": f"label_values({metric}{selector}, {name})",
+                   "refId": f"{name}-values", "qryType": 1})
+           .datasource(DS)
+           .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
+           .sort(dm.VariableSort.ALPHABETICAL_ASC))
+    if include_all:
+        var = (var.include_all(True).all_value(".*")
+               .current(dm.VariableOption(selected=True, text="All", value="$__all")))
+    return var
+
+
+def cluster_variable() -> dashboard.QueryVariable:
+    return query_variable(
+        "cluster", "Cluster", "kwatt_build_info", [],
+        "Set by your Prometheus (external label or relabelling); All also matches series "
+        "without a cluster label.")
+
+
+def dashboard_links(current: str) -> list[DashboardLink]:
+    return [DashboardLink(TITLES[uid]).type(dm.DashboardLinkType.LINK).url(f"/d/{uid}")
+            .include_vars(True).keep_time(True).icon("dashboard")
+            for uid in TITLES if uid != current]
+
+
+def drill(uid: str, title: str, **labels: str) -> DashboardLink:
+    """Data link to another dashboard, carrying datasource, cluster, time and labels."""
+    params = ["${datasource:queryparam}", "${cluster:queryparam}", "${__url_time_range}"]
+    params += [f"var-{var}=${{__field.labels.{label}}}" for var, label in labels.items()]
+    return DashboardLink(title).url(f"/d/{uid}?" + "&".join(params))
+
+
+def target(expr: str, legend: str = "", instant: bool = False,
+           table_format: bool = False) -> prometheus.Dataquery:
+    query = prometheus.Dataquery().expr(expr).datasource(DS).legend_format(legend or "__auto")
+    query = query.instant() if instant else query.range()
+    if table_format:
+        query = query.format(pm.PromQueryFormat.TABLE)
+    return query
+
+
+def _common(panel: Builder[dm.Panel], title: str, description: str, unit: str,
+            targets: Sequence[prometheus.Dataquery], links: Sequence[DashboardLink],
+            height: int, width: int) -> Builder[dm.Panel]:
+    for index, query in enumerate(targets):
+        query.ref_id(chr(ord("A") + index))
+    panel = (panel.title(title).description(description).unit(unit)  # type: ignore[attr-defined]
+             .datasource(DS).targets(list(targets)).height(height).span(width))
+    if links:
+        panel = panel.data_links(list(links))
+    return panel
+
+
+def ts(title: str, description: str, unit: str, *targets: prometheus.Dataquery,
+       links: Sequence[DashboardLink] = (), stacked: bool = False, height: int = 8,
+       width: int = 12) -> Builder[dm.Panel]:
+    panel = timeseries.Panel().fill_opacity(10).legend(
+        common_builders.VizLegendOptions().display_mode(common_models.LegendDisplayMode.TABLE)
+        .placement(common_models.LegendPlacement.BOTTOM).show_legend(True)
+        .calcs(["mean", "lastNotNull"]))
+    if stacked:
+        panel = panel.stacking(common_builders.StackingConfig().mode(
+            common_models.StackingMode.NORMAL))
+    return _common(panel, title, description, unit, targets, links, height, width)
+
+
+def single(title: str, description: str, unit: str, *targets: prometheus.Dataquery,
+           time_from: str | None = None, height: int = 5, width: int = 6) -> Builder[dm.Panel]:
+    panel = (stat.Panel().graph_mode(common_models.BigValueGraphMode.NONE)
+             .reduce_options(LAST_VALUE))
+    if time_from:
+        panel = panel.time_from(time_from)
+    return _common(panel, title, description, unit, targets, (), height, width)
+
+
+def bars(title: str, description: str, unit: str, *targets: prometheus.Dataquery,
+         links: Sequence[DashboardLink] = (), height: int = 8,
+         width: int = 12) -> Builder[dm.Panel]:
+    panel = (bargauge.Panel().orientation(common_models.VizOrientation.HORIZONTAL)
+             .reduce_options(LAST_VALUE))
+    return _common(panel, title, description, unit, targets, links, height, width)
+
+
+def pie(title: str, description: str, unit: str, *targets: prometheus.Dataquery,
+        height: int = 8, width: int = 6) -> Builder[dm.Panel]:
+    return _common(piechart.Panel(), title, description, unit, targets, (), height, width)
+
+
+def grid(title: str, description: str, unit: str, *targets: prometheus.Dataquery,
+         links: Sequence[DashboardLink] = (), height: int = 8,
+         width: int = 12) -> Builder[dm.Panel]:
+    return _common(table.Panel(), title, description, unit, targets, links, height, width)
+
+
+def row(title: str) -> dashboard.Row:
+    return dashboard.Row(title)
+
+
+def new_dashboard(uid: str, description: str,
+                  variables: Sequence[Builder[dm.VariableModel]]) -> dashboard.Dashboard:
+    return (dashboard.Dashboard(TITLES[uid]).uid(uid).description(description)
+            .tags(["kwatt", "energy"]).refresh("1m").time("now-6h", "now")
+            .timezone("browser").editable()
+            .variables([datasource_variable(), *variables])
+            .links(dashboard_links(uid)))
+
+
+def sel(*matchers: str) -> str:
+    """A label selector that always starts with the cluster matcher."""
+    return "{" + ", ".join((CLUSTER, *matchers)) + "}"
+
+
+NS = 'namespace=~"$namespace"'
+WL = 'workload=~"$workload"'
+POD = 'pod=~"$pod"'
+NODE = 'node=~"$node"'
+JOB = 'job=~"$job"'

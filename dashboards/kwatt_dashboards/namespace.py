@@ -1,0 +1,104 @@
+"""Namespace: its workloads and pods over time, energy, carbon and cost."""
+
+from __future__ import annotations
+
+from grafana_foundation_sdk.builders import dashboard
+
+from kwatt_dashboards.common import (
+    KWH,
+    NS,
+    UID_NAMESPACE,
+    UID_WORKLOAD,
+    bars,
+    carbon_grams,
+    cluster_variable,
+    cost,
+    drill,
+    grid,
+    new_dashboard,
+    query_variable,
+    row,
+    sel,
+    single,
+    target,
+    ts,
+)
+
+NS_E = f"kwatt_namespace_energy_joules_total{sel(NS)}"
+CT_E = f"kwatt_container_energy_joules_total{sel(NS)}"
+
+
+def namespace_variable() -> dashboard.QueryVariable:
+    return query_variable(
+        "namespace", "Namespace", "kwatt_namespace_energy_joules_total", ['cluster=~"$cluster"'],
+        "Namespaces kwatt has charged energy to. Host mode (no Kubernetes) has none: "
+        "All then shows systemd units and containers.")
+
+
+def build(currency_unit: str) -> dashboard.Dashboard:
+    to_wl = drill(UID_WORKLOAD, "Workload ${__field.labels.workload}",
+                  namespace="namespace", workload="workload")
+    to_pod = drill(UID_WORKLOAD, "Pod ${__field.labels.pod}", namespace="namespace",
+                   pod="pod")
+    per_node_range = f"sum by (cluster, node) (increase({NS_E}[$__range]))"
+    return (
+        new_dashboard(UID_NAMESPACE, "Energy of one namespace: its workloads and pods over "
+                      "time, carbon and cost.", [cluster_variable(), namespace_variable()])
+        .with_row(row("Totals"))
+        .with_panel(single(
+            "Power now", "Power drawn by the namespace's containers now.", "watt",
+            target(f"sum(rate({NS_E}[$__rate_interval]))", "power", instant=True)))
+        .with_panel(single(
+            "Energy over range", "Energy of the namespace over the range, finished pods "
+            "included (kwatt_namespace_energy_joules_total keeps them).", "kwatth",
+            target(f"sum(increase({NS_E}[$__range])) / {KWH}", "energy", instant=True)))
+        .with_panel(single(
+            "Carbon over range", "kWh per node x the node's grid intensity x PUE.", "massg",
+            target(carbon_grams(per_node_range), "CO2e", instant=True)))
+        .with_panel(single(
+            "Cost over range", "kWh per node x price per kWh x PUE.", currency_unit,
+            target(cost(per_node_range), "{{currency}}", instant=True)))
+        .with_row(row("Workloads and pods"))
+        .with_panel(ts(
+            "Power by workload", "Power of each workload (Deployment, StatefulSet, CronJob, "
+            "...). Click a series for the workload dashboard.", "watt",
+            target(f"sum by (namespace, workload_kind, workload) "
+                   f"(rate({CT_E}[$__rate_interval]))", "{{workload}} ({{workload_kind}})"),
+            links=[to_wl], stacked=True))
+        .with_panel(ts(
+            "Power by pod", "Power of each pod. Click a series for the pod.", "watt",
+            target(f"sum by (namespace, pod) (rate({CT_E}[$__rate_interval]))", "{{pod}}"),
+            links=[to_pod]))
+        .with_panel(bars(
+            "Energy per workload over range", "Energy of each workload over the range.",
+            "kwatth",
+            target(f"sum by (namespace, workload_kind, workload) "
+                   f"(increase({CT_E}[$__range])) / {KWH}",
+                   "{{workload}} ({{workload_kind}})", instant=True), links=[to_wl]))
+        .with_panel(bars(
+            "Energy per pod over range", "Energy of each pod over the range (pods still "
+            "running or inside the exporter's retention window).", "kwatth",
+            target(f"topk(20, sum by (namespace, pod) (increase({CT_E}[$__range]))) / {KWH}",
+                   "{{pod}}", instant=True), links=[to_pod]))
+        .with_panel(ts(
+            "Power by component", "Namespace power by component (cpu, dram, gpu).", "watt",
+            target(f"sum by (component) (rate({NS_E}[$__rate_interval]))", "{{component}}"),
+            stacked=True))
+        .with_panel(ts(
+            "Energy and carbon, rolling 24h", "Recording rules "
+            "namespace:kwatt_energy_joules:increase1d (left, kWh) and "
+            "namespace:kwatt_carbon_grams:increase1d (grams): totals of the 24 hours before "
+            "each point.", "kwatth",
+            target(f"sum(namespace:kwatt_energy_joules:increase1d{sel(NS)}) / {KWH}", "kWh"),
+            target(f"sum(namespace:kwatt_carbon_grams:increase1d{sel(NS)}) / 1000",
+                   "kg CO2e")))
+        .with_panel(grid(
+            "Pods", "Pods of the namespace with workload and QoS class (kwatt_pod_info, from "
+            "the Kubernetes API).", "none",
+            target(f"kwatt_pod_info{sel(NS)}", instant=True, table_format=True),
+            links=[to_pod]))
+        .with_panel(grid(
+            "GPUs held", "GPUs allocated to the namespace's containers (kubelet "
+            "PodResources).", "none",
+            target(f"kwatt_gpu_allocation_info{sel(NS)}", instant=True, table_format=True)))
+    )
