@@ -11,9 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from simnode import SimulatedNode  # noqa: E402
-
-from kwatt.config import Config, load_config  # noqa: E402
+from kwatt.config import Config, load_config
+from simnode import SimulatedNode
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"

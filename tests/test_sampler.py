@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 from conftest import FakeClock, node_config
-from simnode import SimulatedNode, container_id, pod_uid
-
 from kwatt.ledger import LedgerSnapshot, WorkloadLabels
 from kwatt.sampler import Sampler
 from kwatt.workloads.naming import HostNamer
+from simnode import SimulatedNode, container_id, pod_uid
 
 
 def _containers(snap: LedgerSnapshot) -> dict[tuple[str, str], dict[str, float]]:
