@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
@@ -88,6 +89,6 @@ def test_exporter_survives_garbage_and_recovers(tmp_path: Path) -> None:
               and 'subject="package-1 energy_uj"' in line]
     assert len(failed) == 1, log
     assert 'msg="source read recovered" source=rapl subject="package-1 energy_uj"' in log
-    for before, after in zip(seen, seen[1:], strict=False):
+    for before, after in itertools.pairwise(seen):
         for key, number in before.items():
             assert after.get(key, number) >= number, key
