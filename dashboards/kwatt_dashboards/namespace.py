@@ -85,13 +85,15 @@ def build(currency_unit: str) -> dashboard.Dashboard:
             target(f"sum by (component) (rate({NS_E}[$__rate_interval]))", "{{component}}"),
             stacked=True))
         .with_panel(ts(
-            "Energy and carbon, rolling 24h", "Recording rules "
-            "namespace:kwatt_energy_joules:increase1d (left, kWh) and "
-            "namespace:kwatt_carbon_grams:increase1d (grams): totals of the 24 hours before "
-            "each point.", "kwatth",
+            "Energy, rolling 24h", "Recording rule namespace:kwatt_energy_joules:increase1d: "
+            "the namespace's energy in the 24 hours before each point.", "kwatth",
             target(f"sum(namespace:kwatt_energy_joules:increase1d{sel(NS)}) / {KWH}", "kWh"),
-            target(f"sum(namespace:kwatt_carbon_grams:increase1d{sel(NS)}) / 1000",
-                   "kg CO2e")))
+            width=6))
+        .with_panel(ts(
+            "Carbon, rolling 24h", "Recording rule namespace:kwatt_carbon_grams:increase1d: "
+            "grams CO2e of the 24 hours before each point, PUE included.", "massg",
+            target(f"sum(namespace:kwatt_carbon_grams:increase1d{sel(NS)})", "CO2e"),
+            width=6))
         .with_panel(grid(
             "Pods", "Pods of the namespace with workload and QoS class (kwatt_pod_info, from "
             "the Kubernetes API).", "none",

@@ -1,0 +1,55 @@
+"""The committed dashboards and rules are exactly what the generator produces."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from dashboard_model import GENERATE, REPO
+
+
+def run_generate(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(cwd / "dashboards" / "generate.py"), *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_committed_files_match_generator() -> None:
+    result = run_generate("--check")
+    assert result.returncode == 0, result.stderr
+
+
+def test_check_detects_a_hand_edited_file(tmp_path: Path) -> None:
+    shutil.copytree(REPO / "dashboards", tmp_path / "dashboards",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    edited = tmp_path / "dashboards" / "grafana" / "kwatt-node.json"
+    edited.write_text(edited.read_text().replace('"watt"', '"kwatt"', 1))
+    stale = tmp_path / "dashboards" / "grafana" / "kwatt-old.json"
+    stale.write_text("{}\n")
+    result = run_generate("--check", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "kwatt-node.json: out of date" in result.stderr
+    assert "kwatt-old.json: no dashboard generates it" in result.stderr
+    assert GENERATE.exists()
+
+
+def test_rules_cli_changes_thresholds_and_adds_budgets() -> None:
+    result = run_generate("rules", "--gpu-idle-utilization", "0.2", "--gpu-idle-for", "2h",
+                          "--job", "energy", "--namespace-budget", "ml=100",
+                          "--namespace-budget", "web=2.5")
+    assert result.returncode == 0, result.stderr
+    groups = {g["name"]: g["rules"] for g in yaml.safe_load(result.stdout)["groups"]}
+    alerts = {r["alert"]: r for r in groups["kwatt.alerts"]}
+    assert "< 0.2\n" in alerts["KwattGpuAllocatedIdle"]["expr"]
+    assert alerts["KwattGpuAllocatedIdle"]["for"] == "2h"
+    assert alerts["KwattExporterDown"]["expr"] == 'up{job="energy"} == 0'
+    budgets = {r["labels"]["namespace"]: r["expr"] for r in groups["kwatt.budgets"]}
+    assert budgets == {"ml": "vector(360000000)", "web": "vector(9000000)"}
+
+
+def test_rules_cli_rejects_a_bad_budget() -> None:
+    result = run_generate("rules", "--namespace-budget", "ml=lots")
+    assert result.returncode == 2
+    assert "'lots' is not a number" in result.stderr
