@@ -97,7 +97,7 @@ def cluster_variable() -> dashboard.QueryVariable:
         "without a cluster label.")
 
 
-def dashboard_links(current: str) -> list[DashboardLink]:
+def dashboard_links(current: str) -> list[Builder[dm.DashboardLink]]:
     return [DashboardLink(TITLES[uid]).type(dm.DashboardLinkType.LINK).url(f"/d/{uid}")
             .include_vars(True).keep_time(True).icon("dashboard")
             for uid in TITLES if uid != current]
@@ -119,12 +119,15 @@ def target(expr: str, legend: str = "", instant: bool = False,
     return query
 
 
-def _common(panel: Builder[dm.Panel], title: str, description: str, unit: str,
+PanelBuilder = timeseries.Panel | stat.Panel | bargauge.Panel | piechart.Panel | table.Panel
+
+
+def _common(panel: PanelBuilder, title: str, description: str, unit: str,
             targets: Sequence[prometheus.Dataquery], links: Sequence[DashboardLink],
             height: int, width: int) -> Builder[dm.Panel]:
     for index, query in enumerate(targets):
         query.ref_id(chr(ord("A") + index))
-    panel = (panel.title(title).description(description).unit(unit)  # type: ignore[attr-defined]
+    panel = (panel.title(title).description(description).unit(unit)
              .datasource(DS).targets(list(targets)).height(height).span(width))
     if links:
         panel = panel.data_links(list(links))
