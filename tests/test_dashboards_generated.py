@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -53,3 +54,16 @@ def test_rules_cli_rejects_a_bad_budget() -> None:
     result = run_generate("rules", "--namespace-budget", "ml=lots")
     assert result.returncode == 2
     assert "'lots' is not a number" in result.stderr
+
+
+def test_dashboards_cli_renders_another_currency(tmp_path: Path) -> None:
+    result = run_generate("dashboards", "--currency", "EUR", "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    cluster = json.loads((tmp_path / "kwatt-cluster.json").read_text())
+    units = {p["title"]: p["fieldConfig"]["defaults"]["unit"]
+             for p in cluster["panels"] if p["type"] != "row"}
+    assert units["Cost over range"] == "currencyEUR"
+    assert "currencyUSD" not in (tmp_path / "kwatt-namespace.json").read_text()
+    bad = run_generate("dashboards", "--currency", "euro", "--output-dir", str(tmp_path))
+    assert bad.returncode == 2
+    assert "3-letter ISO code" in bad.stderr

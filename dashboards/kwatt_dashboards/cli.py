@@ -3,6 +3,7 @@
     python dashboards/generate.py                 # write dashboards/grafana/*.json and rules
     python dashboards/generate.py --check         # exit 1 when a committed file differs
     python dashboards/generate.py rules --gpu-idle-utilization 0.1 --output my-rules.yaml
+    python dashboards/generate.py dashboards --currency EUR --output-dir my-dashboards/
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from kwatt_dashboards.catalog import all_dashboards
 from kwatt_dashboards.rules import RuleParams, render_rules
 
 DASHBOARDS_DIR = Path(__file__).resolve().parent.parent
@@ -21,12 +24,10 @@ GRAFANA_DIR = DASHBOARDS_DIR / "grafana"
 RULES_FILE = DASHBOARDS_DIR / "rules" / "kwatt-rules.yaml"
 
 
-def render_dashboards() -> dict[str, str]:
+def render_dashboards(currency: str = "USD") -> dict[str, str]:
     """File name -> JSON text of every shipped dashboard."""
-    from kwatt_dashboards.catalog import all_dashboards
-
     return {f"{uid}.json": json.dumps(model, indent=2, sort_keys=True) + "\n"
-            for uid, model in all_dashboards().items()}
+            for uid, model in all_dashboards(currency).items()}
 
 
 def _budget(text: str) -> tuple[str, float]:
@@ -80,7 +81,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     rules = sub.add_parser("rules", help="render the rules file with other thresholds")
     rules.add_argument("--output", "-o", default="-", help="file to write, - for stdout")
     _add_rule_flags(rules)
+    boards = sub.add_parser("dashboards", help="render the dashboards with another currency")
+    boards.add_argument("--currency", default="USD",
+                        help="ISO code for the cost panels' unit, as in cost.currency")
+    boards.add_argument("--output-dir", "-o", required=True, type=Path)
     args = parser.parse_args(argv)
+
+    if args.command == "dashboards":
+        if not re.fullmatch(r"[A-Z]{3}", args.currency):
+            parser.error(f"--currency: expected a 3-letter ISO code, got {args.currency!r}")
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in render_dashboards(args.currency).items():
+            (args.output_dir / name).write_text(text, encoding="utf-8")
+        return 0
 
     if args.command == "rules":
         text = render_rules(_params(args))
