@@ -338,3 +338,16 @@ def test_no_alert_fires_on_a_healthy_node(stack: Stack) -> None:
     alerts = stack.prometheus.get("/api/v1/alerts")["alerts"]
     firing = [a["labels"]["alertname"] for a in alerts if a["state"] == "firing"]
     assert firing == []
+
+
+def test_documented_queries_run(stack: Stack) -> None:
+    """The README/docs PromQL examples run on a real Prometheus without error."""
+    from test_docs_promql import DOCS_WITH_PROMQL, promql_blocks
+
+    answered = 0
+    for path in DOCS_WITH_PROMQL:
+        for expr in promql_blocks(path):
+            result = stack.prometheus.query(expr)  # raises on a rejected query
+            answered += bool(result)
+    # Host mode has no namespace "ml", CronJobs or GPUs; the node-level ones answer.
+    assert answered >= 3
