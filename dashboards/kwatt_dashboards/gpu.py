@@ -62,6 +62,10 @@ def build() -> dashboard.Dashboard:
             "Utilisation per GPU", "SM activity of each GPU over the last sample interval.",
             "percentunit",
             target(f"kwatt_gpu_utilization_ratio{G}", "{{node}} GPU {{gpu}}")))
+        .with_panel(ts(
+            "GPUs answering NVML", "kwatt_gpu_up: 1 while the GPU answers NVML; while 0 its "
+            "energy is not counted (GPU lost, Xid error, driver reload).", "short",
+            target(f"kwatt_gpu_up{G}", "{{node}} GPU {{gpu}}")))
         .with_panel(bars(
             "GPU energy by namespace over range", "GPU energy charged to each namespace; "
             "an exclusively held GPU charges its holder for idle power too.", "kwatth",
