@@ -38,10 +38,13 @@ def test_check_detects_a_hand_edited_file(tmp_path: Path) -> None:
 
 def test_rules_cli_changes_thresholds_and_adds_budgets() -> None:
     result = run_generate("rules", "--gpu-idle-utilization", "0.2", "--gpu-idle-for", "2h",
-                          "--job", "energy", "--namespace-budget", "ml=100",
+                          "--job", "energy", "--daily-interval", "5m",
+                          "--namespace-budget", "ml=100",
                           "--namespace-budget", "web=2.5")
     assert result.returncode == 0, result.stderr
-    groups = {g["name"]: g["rules"] for g in yaml.safe_load(result.stdout)["groups"]}
+    parsed = yaml.safe_load(result.stdout)["groups"]
+    groups = {g["name"]: g["rules"] for g in parsed}
+    assert {g["name"]: g.get("interval") for g in parsed}["kwatt.energy-carbon-cost"] == "5m"
     alerts = {r["alert"]: r for r in groups["kwatt.alerts"]}
     assert "< 0.2\n" in alerts["KwattGpuAllocatedIdle"]["expr"]
     assert alerts["KwattGpuAllocatedIdle"]["for"] == "2h"

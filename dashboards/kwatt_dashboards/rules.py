@@ -27,6 +27,9 @@ class RuleParams:
 
     job: str = "kwatt"
     rate_window: str = "5m"
+    # Evaluation interval of the 24 h energy/carbon/cost group; empty = Prometheus' global
+    # one. On large clusters "5m" makes the 1d increases cheap at no visible loss.
+    daily_interval: str = ""
     exporter_down_for: str = "5m"
     exporter_absent_for: str = "15m"
     source_down_for: str = "10m"
@@ -125,10 +128,11 @@ def recording_groups(p: RuleParams) -> list[dict[str, Any]]:
                 f"(rate(kwatt_namespace_energy_joules_total[{w}])) / 1000\n"
                 "  * on (cluster, node) group_left () node:kwatt_carbon_grams_per_kwh:pue\n)"),
     ]
-    groups = [
-        {"name": "kwatt.power", "rules": power},
-        {"name": "kwatt.energy-carbon-cost", "rules": daily},
-    ]
+    daily_group: dict[str, Any] = {"name": "kwatt.energy-carbon-cost"}
+    if p.daily_interval:
+        daily_group["interval"] = p.daily_interval
+    daily_group["rules"] = daily
+    groups = [{"name": "kwatt.power", "rules": power}, daily_group]
     if p.namespace_budgets_kwh:
         groups.append({"name": "kwatt.budgets", "rules": [
             _record("kwatt_namespace_energy_budget_joules",
