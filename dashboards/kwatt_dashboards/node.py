@@ -76,8 +76,8 @@ def build() -> dashboard.Dashboard:
             links=[to_wl]))
         .with_row(row("Sources"))
         .with_panel(single(
-            "Sources up", "1 when the source (rapl, model, cgroup, kubernetes, podresources, "
-            "nvml) read without fault in the last sample.", "bool_yes_no",
+            "Sources up", "1 when the source (rapl, model, procfs, cgroup, kubernetes, "
+            "podresources, nvml) read without fault in the last sample.", "bool_yes_no",
             target(f"kwatt_source_up{N}", "{{node}} {{source}}", instant=True), width=12))
         .with_panel(ts(
             "Source errors", "Failed reads per second by source and reason (permission, "
