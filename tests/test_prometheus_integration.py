@@ -334,10 +334,15 @@ def test_cluster_carbon_and_cost_rate_match_the_fed_power(stack: Stack) -> None:
     assert eur_per_hour == pytest.approx(0.045, rel=0.05)
 
 
-def test_no_alert_fires_on_a_healthy_node(stack: Stack) -> None:
+def test_alerts_on_the_simulated_node(stack: Stack) -> None:
+    """The one garbled cgroup makes the cgroup source report down: KwattSourceDown goes
+    pending for it (firing needs 10 minutes). Nothing else holds on this node: power is
+    measured, sampling keeps up (the check waits until a whole rate window is covered, so a
+    freshly started exporter does not look behind), little energy is unattributed."""
     alerts = stack.prometheus.get("/api/v1/alerts")["alerts"]
-    firing = [a["labels"]["alertname"] for a in alerts if a["state"] == "firing"]
-    assert firing == []
+    active = sorted((a["labels"]["alertname"], a["state"], a["labels"].get("source", ""))
+                    for a in alerts)
+    assert active == [("KwattSourceDown", "pending", "cgroup")]
 
 
 def test_documented_queries_run(stack: Stack) -> None:

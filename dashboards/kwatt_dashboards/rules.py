@@ -216,7 +216,11 @@ def alert_group(p: RuleParams) -> dict[str, Any]:
                f"{p.sample_duration_ratio:g} * kwatt_sample_interval_seconds\n)\nor (\n"
                f"  rate(kwatt_sample_duration_seconds_count[{w}])"
                " * on (cluster, node, job, instance) kwatt_sample_interval_seconds\n"
-               f"  < {p.sample_rate_ratio:g}\n)",
+               f"  < {p.sample_rate_ratio:g}\n"
+               # rate() divides by the whole window: only judge exporters scraped for
+               # longer than it, or every start would look like missed cycles.
+               "  and on (cluster, node, job, instance)\n"
+               f"  present_over_time(kwatt_sample_interval_seconds[{w}] offset {w})\n)",
                p.sampling_for, "warning",
                "kwatt sampling is falling behind on {{ $labels.node }}",
                "Sampler cycles on {{ $labels.node }} take too long or run less often than "
