@@ -11,6 +11,7 @@ Kubernetes parts of the simulated node.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import simnode
 import yaml
 from conftest import require_tool
 from dashboard_model import RULES_FILE, load_dashboards, panels
@@ -96,6 +98,15 @@ class NodeFeeder(threading.Thread):
             self.node.add_node_cpu(busy_seconds=0.1 * dt, idle_seconds=2.2 * dt)
 
 
+def write_atomically(path: str, text: str) -> None:
+    """Kernel counter files are never seen half-written; a plain rewrite can be, by an
+    exporter reading while the feeder thread writes, and would show as a parse fault."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
+
+
 def build_node(root: Path) -> tuple[SimulatedNode, dict[str, str]]:
     node = SimulatedNode(root, cgroup_version=2, driver="systemd", vcpus=4)
     node.add_intel_server_zones(sockets=1)
@@ -126,6 +137,8 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     prometheus_bin = require_tool("prometheus")
     root = tmp_path_factory.mktemp("prometheus-integration")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(simnode, "_write", write_atomically)
     node, paths = build_node(root / "node")
     config = root / "kwatt.yaml"
     config.write_text(yaml.safe_dump({
@@ -163,6 +176,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         feeder.stop_event.set()
         feeder.join(timeout=5)
         exporter.stop()
+        patch.undo()
 
 
 def wait_until_populated(prometheus: Prometheus, proc: subprocess.Popen[bytes],
@@ -322,14 +336,14 @@ def test_namespace_carbon_and_cost_follow_energy(stack: Stack) -> None:
 def test_cluster_carbon_and_cost_rate_match_the_fed_power(stack: Stack) -> None:
     """The node draws 120 W (package 100 W + DRAM 20 W): 0.12 kW x 600 g/kWh = 72 g/h and
     0.12 kW x 0.375 EUR/kWh = 0.045 EUR/h, PUE included."""
-    watts = stack.prometheus.value("sum(rate(kwatt_node_energy_joules_total[10s]))")
+    watts = stack.prometheus.value("sum(rate(kwatt_node_energy_joules_total[15s]))")
     assert watts == pytest.approx(NODE_W, rel=0.05)
     grams_per_hour = stack.prometheus.value(
-        "sum(sum by (cluster, node) (rate(kwatt_node_energy_joules_total[10s])) / 1000"
+        "sum(sum by (cluster, node) (rate(kwatt_node_energy_joules_total[15s])) / 1000"
         " * on (cluster, node) group_left () node:kwatt_carbon_grams_per_kwh:pue)")
     assert grams_per_hour == pytest.approx(72.0, rel=0.05)
     eur_per_hour = stack.prometheus.value(
-        "sum(sum by (cluster, node) (rate(kwatt_node_energy_joules_total[10s])) / 1000"
+        "sum(sum by (cluster, node) (rate(kwatt_node_energy_joules_total[15s])) / 1000"
         " * on (cluster, node) group_left () node:kwatt_energy_price_per_kwh:pue)")
     assert eur_per_hour == pytest.approx(0.045, rel=0.05)
 
