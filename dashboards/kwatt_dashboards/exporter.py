@@ -88,8 +88,8 @@ def build() -> dashboard.Dashboard:
             "exposed so their last value is scraped.", "short",
             target(f"kwatt_retained_containers{H}", "{{node}}")))
         .with_panel(ts(
-            "Exporter CPU and memory", "CPU seconds per second (left) and resident memory "
-            "of the exporter process.", "percentunit",
+            "Exporter CPU", "CPU seconds per second used by the exporter process (1 = one "
+            "core).", "percentunit",
             target(f"rate(process_cpu_seconds_total{UP}[$__rate_interval])\n* {BY_INSTANCE}",
                    "{{node}} cpu")))
         .with_panel(ts(
