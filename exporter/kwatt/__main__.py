@@ -21,6 +21,7 @@ from kwatt.metrics import KwattCollector, StaticInfo
 from kwatt.once import run_once
 from kwatt.sampler import Sampler
 from kwatt.web import build_app, start_server
+from kwatt.webconfig import WebConfig, build_ssl_context, load_web_config, secure_app
 from kwatt.workloads.naming import HostNamer, WorkloadNamer
 
 log = logging.getLogger("kwatt")
@@ -47,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         config = load_config(args)
+        web_config = load_web_config(config.web_config_file) \
+            if config.web_config_file else WebConfig()
+        ssl_context = build_ssl_context(web_config.tls) if web_config.tls else None
     except ConfigError as exc:
         print(f"kwatt-exporter: {exc}", file=sys.stderr)
         return 2
@@ -69,9 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     GCCollector(registry=registry)
 
     started = time.monotonic()
-    app = build_app(registry, _health(sampler, config, started))
+    app = secure_app(build_app(registry, _health(sampler, config, started)), web_config)
     try:
-        server, _ = start_server(app, host, port)
+        server, _ = start_server(app, host, port, ssl_context=ssl_context)
     except OSError as exc:
         print(f"kwatt-exporter: --web.listen-address: cannot listen on "
               f"{config.listen_address}: {exc.strerror or exc}", file=sys.stderr)
@@ -79,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bound = server.server_address
     log.info("kwatt exporter started", extra={
         "version": __version__, "node": config.node_name,
-        "listen": f"{bound[0]!s}:{bound[1]}", "interval_seconds": config.interval_seconds})
+        "listen": f"{bound[0]!s}:{bound[1]}", "interval_seconds": config.interval_seconds,
+        "tls": web_config.tls is not None, "basic_auth": bool(web_config.basic_auth_users)})
 
     stop = threading.Event()
 
