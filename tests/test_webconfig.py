@@ -23,7 +23,7 @@ from typing import Any
 
 import bcrypt
 import pytest
-from deploytools import find_tool
+from deploytools import Certs, make_test_certs
 from kwatt.config import ConfigError
 from kwatt.web import build_app, start_server
 from kwatt.webconfig import (
@@ -38,52 +38,9 @@ from prometheus_client import CollectorRegistry, Gauge
 PASSWORD = "s3cret-scrape"
 
 
-@dataclass(frozen=True)
-class Certs:
-    ca: Path
-    cert: Path
-    key: Path
-    client_cert: Path
-    client_key: Path
-    other_ca: Path
-
-
-def _openssl(*args: str | Path) -> None:
-    subprocess.run([find_tool("openssl"), *map(str, args)], check=True,
-                   capture_output=True, timeout=60)
-
-
-def _issue(ca: Path, ca_key: Path, out: Path, key: Path, cn: str, ext: str,
-           tmp: Path) -> None:
-    csr = tmp / f"{cn}.csr"
-    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", key, "-out", csr, "-subj", f"/CN={cn}")
-    extfile = tmp / f"{cn}.ext"
-    extfile.write_text(ext)
-    _openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
-             "-days", "2", "-out", out, "-extfile", extfile)
-
-
-def _make_ca(tmp: Path, name: str) -> tuple[Path, Path]:
-    cert, key = tmp / f"{name}.crt", tmp / f"{name}.key"
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", f"/CN={name}",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign")
-    return cert, key
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    tmp = tmp_path_factory.mktemp("certs")
-    ca, ca_key = _make_ca(tmp, "test-ca")
-    other_ca, _ = _make_ca(tmp, "other-ca")
-    _issue(ca, ca_key, tmp / "server.crt", tmp / "server.key", "kwatt",
-           "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n", tmp)
-    _issue(ca, ca_key, tmp / "client.crt", tmp / "client.key", "prometheus",
-           "extendedKeyUsage=clientAuth\n", tmp)
-    return Certs(ca, tmp / "server.crt", tmp / "server.key", tmp / "client.crt",
-                 tmp / "client.key", other_ca)
+    return make_test_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture(scope="module")
