@@ -44,9 +44,13 @@ OPERATOR_GROUP = "monitoring.coreos.com"
 HOST_PATHS = {"/proc", "/sys", "/var/lib/kubelet/pod-resources"}
 
 
-def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def helm(*args: str, check: bool = True,
+         env_kubeconfig: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = None
+    if env_kubeconfig is not None:  # a client-side dry run must not touch a real cluster
+        env = dict(os.environ, KUBECONFIG=env_kubeconfig)
     result = subprocess.run([find_tool("helm"), *args], capture_output=True, text=True,
-                            timeout=120)
+                            timeout=120, env=env)
     if check and result.returncode != 0:
         pytest.fail(f"helm {' '.join(args)} failed:\n{result.stderr}", pytrace=False)
     return result
@@ -399,6 +403,19 @@ def _flatten_schema(prefix: str, node: dict[str, Any]) -> Iterator[str]:
             yield from _flatten_schema(path, value)
         else:
             yield path
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_notes_say_how_to_see_the_metrics(case: str, tmp_path: Path) -> None:
+    result = helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE,
+                  "--dry-run=client", *_values_args(case),
+                  env_kubeconfig=str(tmp_path / "no-cluster"))
+    notes = result.stdout.split("NOTES:", 1)[1]
+    assert f"port-forward daemonset/{RELEASE} 9877:metrics" in notes
+    scheme = "https" if case == "tls-values.yaml" else "http"
+    assert f"{scheme}://localhost:9877/metrics" in notes
+    assert ("-u <user>:<password>" in notes) is (case == "tls-values.yaml")
+    assert ("estimated" in notes) is (case == "non-root-values.yaml")
 
 
 # --------------------------------------------------------------------------- RBAC
