@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(config.log_level, config.log_format)
 
-    namer: WorkloadNamer = HostNamer()
+    namer: WorkloadNamer = HostNamer(config.docker_root)
     sampler = Sampler(config, namer)
     if config.once:
         return run_once(sampler, namer, config.interval_seconds, config.node_name,

@@ -15,7 +15,7 @@ from kwatt.attribution import ComponentSplit
 COMPONENTS = ("cpu", "dram", "gpu")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class WorkloadLabels:
     """The names a container's series carries; match kube-state-metrics and cAdvisor."""
 
@@ -201,9 +201,10 @@ class EnergyLedger:
                                 self._duration_counts, strict=True):
             running += count
             cumulative.append((bound, running))
-        rows = tuple(
-            ContainerRow(a.labels, tuple(sorted(a.energy.items())))
-            for a in self._accounts.values() if a.labels is not None and a.energy)
+        rows = tuple(sorted(
+            (ContainerRow(a.labels, tuple(sorted(a.energy.items())))
+             for a in self._accounts.values() if a.labels is not None and a.energy),
+            key=lambda row: row.labels))
         return LedgerSnapshot(
             node_energy=tuple((c, s, j) for (c, s), j in sorted(self.node_energy.items())),
             node_power=tuple((c, s, w) for (c, s), w in sorted(self.node_power.items())),
