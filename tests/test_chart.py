@@ -138,6 +138,18 @@ def test_builtin_objects_validate_against_kubernetes_schemas(case: str,
     assert checked >= 5
 
 
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_chart_made_tls_secret_validates(kube_version: str, certs: Certs) -> None:
+    docs = render("default", "--kube-version", kube_version, "--set", "web.tls.enabled=true",
+                  "--set", "web.tls.requireClientCert=true",
+                  "--set-file", f"web.tls.cert={certs.cert}",
+                  "--set-file", f"web.tls.key={certs.key}", "--set-file", f"web.tls.ca={certs.ca}")
+    secrets = [d for d in docs if d["kind"] == "Secret"]
+    assert {s.get("type") for s in secrets} == {"kubernetes.io/tls", "Opaque"}
+    for doc in docs:
+        kubernetes_validate.validate(doc, kube_version, strict=True)
+
+
 def test_expected_objects_per_scenario() -> None:
     base = ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "Service",
             "ServiceAccount"]
