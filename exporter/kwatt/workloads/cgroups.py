@@ -27,7 +27,10 @@ _MAX_DEPTH = 24
 
 _HEX_ID = r"[0-9a-f]{64}"
 _UID = r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}"
-_SYSTEMD_POD = re.compile(rf"^kubepods(?:-(burstable|besteffort))?-pod({_UID})\.slice$")
+# A custom kubelet --cgroup-root prefixes the slices (kind: kubelet-kubepods-...slice).
+_SYSTEMD_POD = re.compile(
+    rf"^(?:[a-z0-9]+-)?kubepods(?:-(burstable|besteffort))?-pod({_UID})\.slice$")
+_SYSTEMD_QOS = re.compile(r"^(?:[a-z0-9]+-)?kubepods-(burstable|besteffort)\.slice$")
 _CGROUPFS_POD = re.compile(rf"^pod({_UID})$")
 _SYSTEMD_CONTAINER = re.compile(rf"^(cri-containerd|crio|docker)-({_HEX_ID})\.scope$")
 _CGROUPFS_CONTAINER = re.compile(rf"^(?:(crio)-)?({_HEX_ID})$")
@@ -84,9 +87,12 @@ def detect_cgroup_layout(sysfs: str) -> CgroupLayout | None:
 def _qos_from_component(component: str) -> str | None:
     if component in ("burstable", "besteffort"):
         return component
-    if component in ("kubepods-burstable.slice", "kubepods-besteffort.slice"):
-        return component[len("kubepods-"):-len(".slice")]
-    return None
+    match = _SYSTEMD_QOS.match(component)
+    return match.group(1) if match else None
+
+
+def _is_kubepods(component: str) -> bool:
+    return component.startswith("kubepods") or "-kubepods" in component
 
 
 def classify_cgroup(components: list[str], in_kubepods: bool, qos: str,
@@ -132,7 +138,7 @@ def identify_cgroup_path(path: str) -> CgroupIdentity | None:
     identity: CgroupIdentity | None = None
     for depth in range(len(components)):
         component = components[depth]
-        if component.startswith("kubepods"):
+        if _is_kubepods(component):
             in_kubepods = True
         qos = _qos_from_component(component) or qos
         identity = classify_cgroup(components[: depth + 1], in_kubepods, qos, pod_uid)
@@ -187,7 +193,7 @@ def scan_cgroups(layout: CgroupLayout, *, include_host_units: bool) -> CgroupSca
             continue
         for name in entries:
             child = [*components, name]
-            child_kubepods = in_kubepods or name.startswith("kubepods")
+            child_kubepods = in_kubepods or _is_kubepods(name)
             child_qos = _qos_from_component(name) or qos
             identity = classify_cgroup(child, child_kubepods, child_qos, pod_uid)
             child_dir = os.path.join(directory, name)
