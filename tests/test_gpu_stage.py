@@ -19,6 +19,7 @@ from kwatt.sampler import Sampler
 from kwatt.sources.nvml import GpuReader, MigInstance, ProcessSample, load_backend
 from kwatt.sources.nvml_fake import FakeGpu, FakeNvml
 from kwatt.workloads.cgroups import CgroupIdentity, identify_cgroup_path
+from kwatt.workloads.naming import HostNamer
 from kwatt.workloads.podresources import PodResourcesClient
 from podresources_server import Allocation, PodResourcesServer
 from prometheus_client import CollectorRegistry, generate_latest
@@ -330,3 +331,38 @@ def test_cli_gpu_on_without_nvml_exits_2(sim) -> None:
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("kwatt-exporter: --gpu on: cannot use NVML:")
     assert len([ln for ln in lines if ln.startswith("kwatt-exporter:")]) == 1
+
+
+def test_holder_unknown_by_name_is_found_by_its_process(sim, clock: FakeClock,
+                                                        kubelet: PodResourcesServer) -> None:
+    # HostNamer knows pods only by UID, so (namespace, pod, container) from the kubelet
+    # matches nothing; the one container running on the GPU is its holder.
+    node: SimulatedNode = sim()
+    c = _cluster(node, NamesNamer())
+    run_process(node, 11, c["trainer"].path)
+    run_process(node, 12, c["nb"].path)
+    kubelet.lister.allocations = [
+        Allocation("ml", "train-0", "trainer", "nvidia.com/gpu", ["GPU-0"]),
+        Allocation("lab", "nb", "jupyter", "nvidia.com/gpu", ["GPU-1::0"]),
+        Allocation("lab", "job", "main", "nvidia.com/gpu", ["GPU-1::1"]),
+    ]
+    fake = FakeNvml([FakeGpu("GPU-0", compute_pids=[11]), FakeGpu("GPU-1", compute_pids=[12])])
+    reader = GpuReader(fake)
+    reader.start()
+    stage = GpuStage(reader, PodResourcesClient(kubelet.socket_path, PATTERNS),
+                     str(node.procfs))
+    sampler = Sampler(node_config(node), HostNamer(), clock=clock, stages=[stage])
+    sampler.sample()
+    for gpu in fake.gpus:
+        gpu.energy_mj += 500_000
+    node.add_node_cpu(idle_seconds=40)
+    clock.advance(10)
+    sampler.sample()
+    containers, unattributed, _ = gpu_energy(sampler.snapshot())
+    trainer = ("", c["trainer"].pod.uid, c["trainer"].container_id[:12])
+    nb = ("", c["nb"].pod.uid, c["nb"].container_id[:12])
+    # GPU-1 has two unmatched holders: not guessed, split evenly and kept unidentified.
+    assert containers == pytest.approx({trainer: 500.0})
+    assert unattributed["unidentified"] == pytest.approx(500.0)
+    assert nb not in containers
+    assert_conserved(sampler.snapshot())

@@ -78,6 +78,9 @@ class GpuStage:
         self._snapshot = GpuSnapshot(reader.driver_version)
         self._ratelog = RateLimitedLog(log, every=600.0)
         self.last_nvml_calls = 0
+        # Set when a PodResources holder could not be matched by name last cycle: then the
+        # compute process list is read too, to find that holder's container by PID.
+        self._unmatched_holders = False
 
     def snapshot(self) -> GpuSnapshot:
         return self._snapshot
@@ -102,15 +105,25 @@ class GpuStage:
             else:
                 self._ratelog.forget("fallback")
 
-        cycle = self._reader.read(now, want_pids=allocations is None)
+        cycle = self._reader.read(now, want_pids=allocations is None
+                                  or self._unmatched_holders)
         self.last_nvml_calls = cycle.calls
         faults.extend(cycle.faults)
         source_up[nvml.SOURCE] = not cycle.faults
 
         seen_pids: set[int] = set()
+        gpu_pids = {g.uuid: g.compute_pids for g in cycle.gpus}
+        mig_pids = {i.uuid: i.pids for g in cycle.gpus for i in g.instances}
         if allocations is not None:
             holders, mig_holders, rows = self._holders_from_allocations(
                 allocations, cycle.gpus, workloads)
+            self._unmatched_holders = any(
+                isinstance(h, Unattributed) for hs in (*holders.values(),
+                                                       *mig_holders.values()) for h in hs)
+            holders = {uuid: self._match_by_pid(hs, gpu_pids.get(uuid, ()), seen_pids)
+                       for uuid, hs in holders.items()}
+            mig_holders = {uuid: self._match_by_pid(hs, mig_pids.get(uuid, ()), seen_pids)
+                           for uuid, hs in mig_holders.items()}
         else:
             holders, mig_holders = self._holders_from_processes(cycle.gpus, seen_pids)
             rows = ()
@@ -164,6 +177,23 @@ class GpuStage:
                     else Unattributed("system")
                 activity[key] = activity.get(key, 0.0) + sample.sm_percent
         return GpuInterval(gpu.uuid, gpu.joules, holders, gpu.utilisation, activity)
+
+    def _match_by_pid(self, holders: tuple[Holder, ...], pids: tuple[int, ...],
+                      seen: set[int]) -> tuple[Holder, ...]:
+        """Name-less matching for the common case: exactly one holder of a device could not
+        be found by (namespace, pod, container) - e.g. the namer does not know the pod yet -
+        and exactly one other workload container runs compute processes on it: that
+        container is the holder."""
+        unmatched = [h for h in holders if isinstance(h, Unattributed)]
+        if len(unmatched) != 1 or not pids:
+            return holders
+        candidates = {identity for pid in pids
+                      if (identity := self._identity(pid, seen)) is not None
+                      and identity.kind == "container" and identity not in holders}
+        if len(candidates) != 1:
+            return holders
+        (found,) = candidates
+        return tuple(found if h == unmatched[0] else h for h in holders)
 
     def _holders_from_allocations(
             self, allocations: tuple[DeviceAllocation, ...], gpus: tuple[GpuReading, ...],
