@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 from conftest import FakeClock, node_config
 from kwatt.gpu_metrics import GpuCollector
-from kwatt.gpu_stage import GpuStage, GpuUnavailable, build_gpu_stage, identity_of_pid
+from kwatt.gpu_stage import (
+    INVISIBLE,
+    GpuStage,
+    GpuUnavailable,
+    build_gpu_stage,
+    identity_of_pid,
+)
 from kwatt.ledger import LedgerSnapshot, WorkloadLabels
 from kwatt.sampler import Sampler
 from kwatt.sources.nvml import GpuReader, MigInstance, ProcessSample, load_backend
@@ -298,7 +304,10 @@ def test_identity_of_pid_cgroup_v1_and_v2(tmp_path: Path) -> None:
     expected = CgroupIdentity("container", uid, cid, "containerd", "burstable")
     assert identity_of_pid(str(tmp_path), 1) == expected
     assert identity_of_pid(str(tmp_path), 2) == expected
-    assert identity_of_pid(str(tmp_path), 3) is None
+    assert identity_of_pid(str(tmp_path), 3) == INVISIBLE
+    (tmp_path / "4").mkdir()
+    (tmp_path / "4" / "cgroup").write_text("0::/user.slice/user-1000.slice/session-2.scope\n")
+    assert identity_of_pid(str(tmp_path), 4) is None
 
 
 def test_build_gpu_stage_modes(sim, caplog: pytest.LogCaptureFixture) -> None:
@@ -366,3 +375,30 @@ def test_holder_unknown_by_name_is_found_by_its_process(sim, clock: FakeClock,
     assert unattributed["unidentified"] == pytest.approx(500.0)
     assert nb not in containers
     assert_conserved(sampler.snapshot())
+
+
+def test_invisible_processes_make_a_shared_gpu_split_evenly(sim, clock: FakeClock,
+                                                            kubelet: PodResourcesServer) -> None:
+    # Without hostPID the exporter cannot read /proc/<pid>/cgroup of GPU processes.
+    node: SimulatedNode = sim()
+    namer = NamesNamer()
+    _cluster(node, namer)
+    kubelet.lister.allocations = [
+        Allocation("ml", "infer-a", "server", "nvidia.com/gpu", ["GPU-0::0"]),
+        Allocation("ml", "infer-b", "server", "nvidia.com/gpu", ["GPU-0::1"])]
+    fake = FakeNvml([FakeGpu("GPU-0", utilisation_percent=100)])
+    reader = GpuReader(fake)
+    reader.start()
+    stage = GpuStage(reader, PodResourcesClient(kubelet.socket_path, PATTERNS),
+                     str(node.procfs))
+    sampler = Sampler(node_config(node), namer, clock=clock, stages=[stage])
+    sampler.sample()
+    fake.gpus[0].energy_mj += 800_000
+    fake.gpus[0].samples = [ProcessSample(4242, 90, 5)]
+    node.add_node_cpu(idle_seconds=40)
+    clock.advance(10)
+    sampler.sample()
+    containers, unattributed, _ = gpu_energy(sampler.snapshot())
+    assert containers == pytest.approx({("ml", "infer-a", "server"): 400.0,
+                                        ("ml", "infer-b", "server"): 400.0})
+    assert unattributed.get("system", 0.0) == 0.0

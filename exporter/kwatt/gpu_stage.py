@@ -31,6 +31,10 @@ from kwatt.workloads.podresources import DeviceAllocation, PodResourcesClient, p
 log = logging.getLogger("kwatt.gpu")
 
 Holder = CgroupIdentity | Unattributed
+# A PID whose /proc entry cannot be read: exited, or not in our PID namespace (no hostPID).
+# Its SM samples are ignored rather than charged to "system", so that a shared GPU is split
+# evenly when kwatt cannot see the processes at all.
+INVISIBLE = CgroupIdentity("invisible")
 
 
 class GpuUnavailable(Exception):
@@ -43,7 +47,7 @@ def identity_of_pid(procfs: str, pid: int) -> CgroupIdentity | None:
         with open(os.path.join(procfs, str(pid), "cgroup"), encoding="utf-8") as handle:
             lines = handle.read().splitlines()
     except OSError:
-        return None  # exited, or not visible (no hostPID)
+        return INVISIBLE
     unified, accounting, rest = [], [], []
     for line in lines:
         parts = line.split(":", 2)
@@ -173,6 +177,8 @@ class GpuStage:
             members = set(holders)
             for sample in gpu.process_samples:
                 identity = self._identity(sample.pid, seen)
+                if identity == INVISIBLE:
+                    continue
                 key: Holder = identity if identity in members and identity is not None \
                     else Unattributed("system")
                 activity[key] = activity.get(key, 0.0) + sample.sm_percent
@@ -243,7 +249,9 @@ class GpuStage:
             out: dict[Holder, None] = {}
             for pid in pids:
                 identity = self._identity(pid, seen)
-                out[identity if identity is not None else Unattributed("system")] = None
+                key: Holder = identity if identity is not None and identity != INVISIBLE \
+                    else Unattributed("system")
+                out[key] = None
             return tuple(out)
 
         holders = {g.uuid: keys(g.compute_pids) for g in gpus if not g.mig_enabled}
