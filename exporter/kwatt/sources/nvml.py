@@ -326,7 +326,10 @@ class PynvmlBackend:
     def _error(self, exc: Exception) -> NvmlCallError:
         nv = self._nv
         code = getattr(exc, "value", None)
-        kind = {nv.NVML_ERROR_GPU_IS_LOST: "lost", nv.NVML_ERROR_NOT_SUPPORTED: "not_supported",
+        # NVML_SUCCESS as an error: pynvml's nvmlDeviceGetProcessUtilization raises it when
+        # the size query finds no sample at all; it means "nothing since the timestamp".
+        kind = {nv.NVML_SUCCESS: "not_found", nv.NVML_ERROR_GPU_IS_LOST: "lost",
+                nv.NVML_ERROR_NOT_SUPPORTED: "not_supported",
                 nv.NVML_ERROR_NOT_FOUND: "not_found", nv.NVML_ERROR_NO_PERMISSION: "permission",
                 nv.NVML_ERROR_TIMEOUT: "timeout", nv.NVML_ERROR_INVALID_ARGUMENT: "not_found",
                 }.get(code, "unknown")
