@@ -90,10 +90,10 @@ def measure(root: Path, cycles: int, mode: str) -> tuple[list[float], int]:
     clock = Clock()
     stages: list[EnergyStage] = []
     server = None
+    client = None
     if mode != "none":
         reader = GpuReader(fake)
         reader.start()
-        client = None
         if mode == "kubelet":
             server = PodResourcesServer(str(root / "kubelet.sock")).start()
             server.lister.allocations = allocations
@@ -110,6 +110,8 @@ def measure(root: Path, cycles: int, mode: str) -> tuple[list[float], int]:
         times.append(time.perf_counter() - started)
     calls = (fake.calls - calls_before) // cycles
     if server is not None:
+        if client is not None:
+            client.close()
         server.stop()
     return times, calls
 

@@ -17,7 +17,13 @@ from collections.abc import Callable, Hashable, Mapping
 from kwatt.attribution import ComponentSplit
 from kwatt.config import Config
 from kwatt.faults import Fault
-from kwatt.gpu_attribution import GpuInterval, MigShare, Unattributed, attribute_gpu
+from kwatt.gpu_attribution import (
+    GpuInterval,
+    MigShare,
+    Unattributed,
+    attribute_gpu,
+    merge_splits,
+)
 from kwatt.gpu_metrics import AllocationRow, GpuCollector, GpuRow, GpuSnapshot
 from kwatt.ledger import WorkloadLabels
 from kwatt.logs import RateLimitedLog
@@ -132,17 +138,22 @@ class GpuStage:
             holders, mig_holders = self._holders_from_processes(cycle.gpus, seen_pids)
             rows = ()
 
-        splits: list[ComponentSplit[Hashable]] = []
+        splits: list[ComponentSplit[CgroupIdentity]] = []
         gpu_rows: list[GpuRow] = []
         for gpu in cycle.gpus:
             interval = self._interval(gpu, holders.get(gpu.uuid, ()), mig_holders, seen_pids)
             if interval is not None:
-                splits.append(attribute_gpu(interval))  # type: ignore[arg-type]
+                splits.append(attribute_gpu(interval))
             gpu_rows.append(self._account(gpu))
         for pid in [p for p in self._pid_cache if p not in seen_pids]:
             del self._pid_cache[pid]
         self._snapshot = GpuSnapshot(self._reader.driver_version, tuple(gpu_rows), rows)
-        return StageResult(splits, faults, source_up)
+        # One booking per cycle for all GPUs; a cycle with no GPU energy books nothing.
+        booked: list[ComponentSplit[Hashable]] = []
+        if splits:
+            merged = merge_splits(splits)
+            booked.append(merged)  # type: ignore[arg-type]
+        return StageResult(booked, faults, source_up)
 
     def _account(self, gpu: GpuReading) -> GpuRow:
         total = self._energy.get(gpu.uuid, 0.0)
