@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(config.log_level, config.log_format)
 
-    namer: WorkloadNamer = HostNamer()
+    namer: WorkloadNamer = HostNamer(config.docker_root)
     try:
         gpu = build_gpu_stage(config)
     except GpuUnavailable as exc:

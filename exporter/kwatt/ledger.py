@@ -8,14 +8,14 @@ waits for a cycle and never sees half of one.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 
 from kwatt.attribution import ComponentSplit
 
 COMPONENTS = ("cpu", "dram", "gpu")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class WorkloadLabels:
     """The names a container's series carries; match kube-state-metrics and cAdvisor."""
 
@@ -204,7 +204,7 @@ class EnergyLedger:
         rows = tuple(sorted(
             (ContainerRow(a.labels, tuple(sorted(a.energy.items())))
              for a in self._accounts.values() if a.labels is not None and a.energy),
-            key=lambda row: astuple(row.labels)))
+            key=lambda row: row.labels))
         return LedgerSnapshot(
             node_energy=tuple((c, s, j) for (c, s), j in sorted(self.node_energy.items())),
             node_power=tuple((c, s, w) for (c, s), w in sorted(self.node_power.items())),
