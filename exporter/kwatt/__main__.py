@@ -16,6 +16,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from kwatt import __version__
 from kwatt.config import Config, ConfigError, load_config, split_listen_address
+from kwatt.gpu_stage import GpuUnavailable, build_gpu_stage
 from kwatt.logs import configure_logging
 from kwatt.metrics import KwattCollector, StaticInfo
 from kwatt.once import run_once
@@ -57,7 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log_level, config.log_format)
 
     namer: WorkloadNamer = HostNamer(config.docker_root)
-    sampler = Sampler(config, namer)
+    try:
+        gpu = build_gpu_stage(config)
+    except GpuUnavailable as exc:
+        print(f"kwatt-exporter: {exc}", file=sys.stderr)
+        return 2
+    sampler = Sampler(config, namer, stages=[gpu[0]] if gpu else [])
     if config.once:
         return run_once(sampler, namer, config.interval_seconds, config.node_name,
                         sys.stdout, time.sleep)
@@ -69,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         carbon_intensity_grams_per_kwh=config.carbon_intensity_grams_per_kwh,
         energy_price_per_kwh=config.energy_price_per_kwh,
         energy_price_currency=config.energy_price_currency, pue=config.pue)))
+    if gpu is not None:
+        registry.register(gpu[1])
     ProcessCollector(registry=registry)
     GCCollector(registry=registry)
 
