@@ -16,11 +16,13 @@ from prometheus_client.process_collector import ProcessCollector
 
 from kwatt import __version__
 from kwatt.config import Config, ConfigError, load_config, split_listen_address
+from kwatt.gpu_stage import GpuUnavailable, build_gpu_stage
 from kwatt.logs import configure_logging
 from kwatt.metrics import KwattCollector, StaticInfo
 from kwatt.once import run_once
 from kwatt.sampler import Sampler
 from kwatt.web import build_app, start_server
+from kwatt.webconfig import WebConfig, build_ssl_context, load_web_config, secure_app
 from kwatt.workloads.naming import HostNamer, WorkloadNamer
 
 log = logging.getLogger("kwatt")
@@ -47,13 +49,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         config = load_config(args)
+        web_config = load_web_config(config.web_config_file) \
+            if config.web_config_file else WebConfig()
+        ssl_context = build_ssl_context(web_config.tls) if web_config.tls else None
     except ConfigError as exc:
         print(f"kwatt-exporter: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_format)
 
     namer: WorkloadNamer = HostNamer(config.docker_root)
-    sampler = Sampler(config, namer)
+    try:
+        gpu = build_gpu_stage(config)
+    except GpuUnavailable as exc:
+        print(f"kwatt-exporter: {exc}", file=sys.stderr)
+        return 2
+    sampler = Sampler(config, namer, stages=[gpu[0]] if gpu else [])
     if config.once:
         return run_once(sampler, namer, config.interval_seconds, config.node_name,
                         sys.stdout, time.sleep)
@@ -65,13 +75,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         carbon_intensity_grams_per_kwh=config.carbon_intensity_grams_per_kwh,
         energy_price_per_kwh=config.energy_price_per_kwh,
         energy_price_currency=config.energy_price_currency, pue=config.pue)))
+    if gpu is not None:
+        registry.register(gpu[1])
     ProcessCollector(registry=registry)
     GCCollector(registry=registry)
 
     started = time.monotonic()
-    app = build_app(registry, _health(sampler, config, started))
+    app = secure_app(build_app(registry, _health(sampler, config, started)), web_config)
     try:
-        server, _ = start_server(app, host, port)
+        server, _ = start_server(app, host, port, ssl_context=ssl_context)
     except OSError as exc:
         print(f"kwatt-exporter: --web.listen-address: cannot listen on "
               f"{config.listen_address}: {exc.strerror or exc}", file=sys.stderr)
@@ -79,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bound = server.server_address
     log.info("kwatt exporter started", extra={
         "version": __version__, "node": config.node_name,
-        "listen": f"{bound[0]!s}:{bound[1]}", "interval_seconds": config.interval_seconds})
+        "listen": f"{bound[0]!s}:{bound[1]}", "interval_seconds": config.interval_seconds,
+        "tls": web_config.tls is not None, "basic_auth": bool(web_config.basic_auth_users)})
 
     stop = threading.Event()
 
