@@ -548,8 +548,10 @@ def test_dashboards_become_labelled_config_maps(tmp_path: Path) -> None:
     custom = render("default", "--set", "dashboards.enabled=true", "--set",
                     "dashboards.label=my_dashboards", "--set-string",
                     "dashboards.labelValue=yes", chart=chart)
-    (labelled,) = [d for d in custom if "my_dashboards" in d["metadata"]["labels"]]
-    assert labelled["metadata"]["labels"]["my_dashboards"] == "yes"
+    # One ConfigMap per dashboard in files/: the shipped ones plus the test's.
+    labelled = [d for d in custom if "my_dashboards" in d["metadata"]["labels"]]
+    assert len(labelled) == len(list((chart / "files").glob("*.json")))
+    assert {d["metadata"]["labels"]["my_dashboards"] for d in labelled} == {"yes"}
 
 
 def test_network_policy_admits_only_the_metrics_port() -> None:
