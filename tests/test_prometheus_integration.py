@@ -1,7 +1,9 @@
 """A real Prometheus (Debian 2.42) with the shipped rules, scraping the real exporter.
 
-One Prometheus and one exporter per test session: the exporter runs on a simulated node
-fed at constant power by a background thread; Prometheus scrapes it every second and
+One Prometheus and two exporters per test session. The real CLI runs on a simulated CPU node
+fed at constant power by a background thread; a simulated GPU node (fake NVML, real kubelet
+PodResources gRPC server, kwatt's own sampler/GPU stage/collectors in this process, see
+simulated_gpu_node.py) is the second target. Prometheus scrapes both every second and
 evaluates the shipped rules every second. Then every query of every shipped dashboard panel,
 with its variables resolved the way Grafana would (label_values, chained), must return data,
 except the panels listed in tests/panels_pending_gpu_k8s.yaml, which need the GPU and
@@ -32,13 +34,17 @@ from conftest import require_tool
 from dashboard_model import RULES_FILE, load_dashboards, panels
 from exporter_process import ExporterProcess
 from simnode import SimulatedNode, container_id, pod_uid
+from simulated_gpu_node import SimulatedGpuNode
 
 pytestmark = pytest.mark.slow
 
 PENDING_FILE = Path(__file__).parent / "panels_pending_gpu_k8s.yaml"
 RATE_INTERVAL = "4s"  # what Grafana derives from a 1 s scrape interval (4 x scrape)
 PANEL_RANGE_S = 30
-TICK_S = 0.25
+TICK_S = 0.1
+# The CLI exporter samples 4x per second so the counter Prometheus scrapes lags the fed
+# energy by at most ~0.35 s: a 15 s rate then reads the fed power within a few per cent.
+CPU_NODE_INTERVAL = "250ms"
 # Constant power fed into the simulated RAPL zones (watts).
 PACKAGE_W, CORE_W, UNCORE_W, DRAM_W = 100.0, 60.0, 5.0, 20.0
 NODE_W = PACKAGE_W + DRAM_W  # core and uncore are inside the package
@@ -143,11 +149,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     config = root / "kwatt.yaml"
     config.write_text(yaml.safe_dump({
         "carbon": {"intensity_grams_per_kwh": INTENSITY},
-        "cost": {"price_per_kwh": PRICE, "currency": "EUR"}, "pue": PUE}))
+        "cost": {"price_per_kwh": PRICE, "currency": "EUR"}, "pue": PUE,
+        # No service account here: --kubernetes auto means host naming on the GPU node.
+        "kubernetes": {"service_account_dir": str(root / "no-service-account")}}))
     feeder = NodeFeeder(node, paths)
     feeder.start()
-    exporter = ExporterProcess(node, "--config", str(config),
+    exporter = ExporterProcess(node, "--config", str(config), interval=CPU_NODE_INTERVAL,
                                log_path=root / "exporter.log")
+    gpu_node = SimulatedGpuNode(root / "gpu", config)
     port = free_port()
     prom_config = root / "prometheus.yml"
     prom_config.write_text(yaml.safe_dump({
@@ -155,7 +164,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                    "scrape_timeout": "1s"},
         "rule_files": [str(RULES_FILE)],
         "scrape_configs": [{"job_name": "kwatt", "static_configs": [
-            {"targets": [f"127.0.0.1:{exporter.port}"]}]}],
+            {"targets": [f"127.0.0.1:{exporter.port}", f"127.0.0.1:{gpu_node.port}"]}]}],
     }))
     log = open(root / "prometheus.log", "w")
     proc = subprocess.Popen(
@@ -175,6 +184,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         log.close()
         feeder.stop_event.set()
         feeder.join(timeout=5)
+        gpu_node.stop()
         exporter.stop()
         patch.undo()
 
@@ -315,10 +325,13 @@ def test_every_rule_evaluates_without_error(stack: Stack) -> None:
 
 
 def test_carbon_and_cost_factors_are_the_configured_values_times_pue(stack: Stack) -> None:
-    assert stack.prometheus.value("node:kwatt_carbon_grams_per_kwh:pue") == INTENSITY * PUE
-    result = stack.prometheus.query("node:kwatt_energy_price_per_kwh:pue")
-    assert [(r["metric"]["currency"], float(r["value"][1])) for r in result] == \
-        [("EUR", PRICE * PUE)]  # 0.375 EUR per kWh of IT energy
+    carbon = stack.prometheus.query("node:kwatt_carbon_grams_per_kwh:pue")
+    assert sorted((r["metric"]["node"], float(r["value"][1])) for r in carbon) == \
+        [("e2e", INTENSITY * PUE), ("gpu-node", INTENSITY * PUE)]  # 600 g per IT kWh
+    price = stack.prometheus.query("node:kwatt_energy_price_per_kwh:pue")
+    assert sorted((r["metric"]["node"], r["metric"]["currency"], float(r["value"][1]))
+                  for r in price) == [("e2e", "EUR", PRICE * PUE),
+                                      ("gpu-node", "EUR", PRICE * PUE)]  # 0.375 EUR
 
 
 def test_namespace_carbon_and_cost_follow_energy(stack: Stack) -> None:
@@ -333,30 +346,52 @@ def test_namespace_carbon_and_cost_follow_energy(stack: Stack) -> None:
     assert cost == pytest.approx(energy / 3.6e6 * 0.375, rel=1e-9)
 
 
+def wait_for_history(prometheus: Prometheus, selector: str, seconds: float,
+                     timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        (series, *_) = prometheus.get("/api/v1/query", query=f"{selector}[10m]")["result"]
+        if time.time() - float(series["values"][0][0]) >= seconds:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{selector}: less than {seconds}s of samples")
+
+
 def test_cluster_carbon_and_cost_rate_match_the_fed_power(stack: Stack) -> None:
     """The node draws 120 W (package 100 W + DRAM 20 W): 0.12 kW x 600 g/kWh = 72 g/h and
     0.12 kW x 0.375 EUR/kWh = 0.045 EUR/h, PUE included."""
-    watts = stack.prometheus.value("sum(rate(kwatt_node_energy_joules_total[15s]))")
+    # rate() divides by the whole window, so the window must hold data from end to end.
+    window_s = 20
+    wait_for_history(stack.prometheus, 'kwatt_node_energy_joules_total{node="e2e"}',
+                     window_s + 2)
+    cpu_node = f'rate(kwatt_node_energy_joules_total{{node="e2e"}}[{window_s}s])'
+    watts = stack.prometheus.value(f"sum({cpu_node})")
     assert watts == pytest.approx(NODE_W, rel=0.05)
     grams_per_hour = stack.prometheus.value(
-        "sum(sum by (cluster, node) (rate(kwatt_node_energy_joules_total[15s])) / 1000"
+        f"sum(sum by (cluster, node) ({cpu_node}) / 1000"
         " * on (cluster, node) group_left () node:kwatt_carbon_grams_per_kwh:pue)")
     assert grams_per_hour == pytest.approx(72.0, rel=0.05)
     eur_per_hour = stack.prometheus.value(
-        "sum(sum by (cluster, node) (rate(kwatt_node_energy_joules_total[15s])) / 1000"
+        f"sum(sum by (cluster, node) ({cpu_node}) / 1000"
         " * on (cluster, node) group_left () node:kwatt_energy_price_per_kwh:pue)")
     assert eur_per_hour == pytest.approx(0.045, rel=0.05)
 
 
-def test_alerts_on_the_simulated_node(stack: Stack) -> None:
-    """The one garbled cgroup makes the cgroup source report down: KwattSourceDown goes
-    pending for it (firing needs 10 minutes). Nothing else holds on this node: power is
-    measured, sampling keeps up (the check waits until a whole rate window is covered, so a
-    freshly started exporter does not look behind), little energy is unattributed."""
+def test_alerts_on_the_simulated_nodes(stack: Stack) -> None:
+    """Two alert conditions hold, so those alerts are pending (firing needs their `for`):
+    the allocated-but-idle GPU-1 held by lab/nb, and the cgroup source on the CPU node,
+    whose one garbled cgroup fails every read. Nothing else: power is measured, sampling
+    keeps up (judged once a whole rate window is covered, so a freshly started exporter
+    does not look behind), little energy is unattributed."""
     alerts = stack.prometheus.get("/api/v1/alerts")["alerts"]
-    active = sorted((a["labels"]["alertname"], a["state"], a["labels"].get("source", ""))
+    active = sorted((a["labels"]["alertname"], a["state"], a["labels"]["node"],
+                     a["labels"].get("source") or a["labels"].get("uuid", ""))
                     for a in alerts)
-    assert active == [("KwattSourceDown", "pending", "cgroup")]
+    assert active == [("KwattGpuAllocatedIdle", "pending", "gpu-node", "GPU-1"),
+                      ("KwattSourceDown", "pending", "e2e", "cgroup")]
+    (idle,) = [a for a in alerts if a["labels"]["alertname"] == "KwattGpuAllocatedIdle"]
+    assert {k: idle["labels"][k] for k in ("namespace", "pod", "container", "gpu")} == {
+        "namespace": "lab", "pod": "nb", "container": "jupyter", "gpu": "1"}
 
 
 def test_documented_queries_run(stack: Stack) -> None:

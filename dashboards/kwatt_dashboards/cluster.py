@@ -79,7 +79,8 @@ def build(currency_unit: str) -> dashboard.Dashboard:
                    instant=True)))
         .with_panel(ts(
             "Unattributed share", "Share of node energy charged to no container: idle (static "
-            "power), system (processes outside containers), unallocated (GPUs nobody holds).",
+            "power), system (processes outside containers), unallocated (GPUs nobody holds), "
+            "unidentified (GPU holders kwatt cannot map to a container).",
             "percentunit",
             target(f"sum by (reason) (rate({UN_E}[$__rate_interval]))\n/ on () group_left () "
                    f"sum(rate({NODE_E}[$__rate_interval]))", "{{reason}}"), width=6))

@@ -39,7 +39,7 @@ class RuleParams:
     gpu_idle_window: str = "30m"
     gpu_idle_for: str = "1h"
     budget_for: str = "15m"
-    unattributed_reasons: str = "system|unallocated"
+    unattributed_reasons: str = "system|unallocated|unidentified"
     unattributed_ratio: float = 0.3
     unattributed_for: str = "30m"
     sample_duration_ratio: float = 0.5

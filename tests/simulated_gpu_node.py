@@ -1,0 +1,124 @@
+"""A simulated GPU node served by the exporter's own parts, in this process.
+
+The CLI cannot take a fake NVML (kwatt.sources.nvml_fake is never chosen by a flag), so
+this wires the same pieces ``kwatt.__main__.main`` wires - Sampler, GPU stage, collectors,
+WSGI app - around ``FakeNvml`` and a real kubelet PodResources gRPC server on a unix socket.
+Everything after NVML is kwatt's real code: attribution, ledger, metrics, HTTP.
+
+Scenario (what the GPU dashboard and the GPU alert need):
+  GPU-0  300 W, 90 % busy, held by ml/train-0/trainer (exclusive)
+  GPU-1   60 W,  1 % busy, held by lab/nb/jupyter: allocated but idle
+  GPU-2   50 W, nobody holds it: unallocated
+  GPU-3  100 W, MIG mode, instance MIG-a held by lab/mig-job/main
+  GPU-4  150 W, 40 % busy, time-sliced between ml/infer-a and ml/infer-b (shared)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from kwatt.config import load_config
+from kwatt.gpu_stage import build_gpu_stage
+from kwatt.metrics import KwattCollector, StaticInfo
+from kwatt.sampler import Sampler
+from kwatt.sources.nvml import MigInstance
+from kwatt.sources.nvml_fake import FakeGpu, FakeNvml
+from kwatt.web import build_app, start_server
+from kwatt.workloads.naming import HostNamer
+from podresources_server import Allocation, PodResourcesServer
+from prometheus_client import CollectorRegistry
+from prometheus_client.process_collector import ProcessCollector
+from simnode import SimulatedNode, container_id, pod_uid
+
+GPU_WATTS = {"GPU-0": 300.0, "GPU-1": 60.0, "GPU-2": 50.0, "GPU-3": 100.0, "GPU-4": 150.0}
+HOLDERS = {  # key: (namespace, pod, container, pid on the GPU)
+    "trainer": ("ml", "train-0", "trainer", 11),
+    "notebook": ("lab", "nb", "jupyter", 21),
+    "mig-job": ("lab", "mig-job", "main", 31),
+    "infer-a": ("ml", "infer-a", "server", 41),
+    "infer-b": ("ml", "infer-b", "server", 42),
+}
+
+
+class SimulatedGpuNode:
+    def __init__(self, root: Path, config_file: Path, node_name: str = "gpu-node") -> None:
+        self.node = SimulatedNode(root / "node", cgroup_version=2, driver="systemd", vcpus=8)
+        self.node.add_rapl_zone("0", "package-0")
+        self.node.add_rapl_zone("0:0", "dram")
+        self.paths: dict[str, str] = {}
+        for key, (_namespace, pod, _name, pid) in HOLDERS.items():
+            sim_pod = self.node.add_pod(pod_uid(pod), "burstable", "containerd")
+            path = self.node.add_container(sim_pod, container_id(key)).path
+            self.paths[key] = path
+            proc = self.node.procfs / str(pid)
+            proc.mkdir(parents=True, exist_ok=True)
+            (proc / "cgroup").write_text(f"0::{path}\n")
+        self.gpus = [
+            FakeGpu("GPU-0", utilisation_percent=90, compute_pids=[11]),
+            FakeGpu("GPU-1", utilisation_percent=1, compute_pids=[21]),
+            FakeGpu("GPU-2", utilisation_percent=0),
+            FakeGpu("GPU-3", model="NVIDIA A100-SXM4-40GB", mig_enabled=True, instances=[
+                MigInstance("MIG-a", 1, 3, "3g.20gb", (31,))]),
+            FakeGpu("GPU-4", utilisation_percent=40, compute_pids=[41, 42]),
+        ]
+        self.kubelet = PodResourcesServer(str(root / "kubelet.sock")).start()
+        self.kubelet.lister.allocations = [
+            Allocation("ml", "train-0", "trainer", "nvidia.com/gpu", ["GPU-0"]),
+            Allocation("lab", "nb", "jupyter", "nvidia.com/gpu", ["GPU-1"]),
+            Allocation("lab", "mig-job", "main", "nvidia.com/mig-3g.20gb", ["MIG-a"]),
+            Allocation("ml", "infer-a", "server", "nvidia.com/gpu", ["GPU-4::0"]),
+            Allocation("ml", "infer-b", "server", "nvidia.com/gpu", ["GPU-4::1"]),
+        ]
+        self.config = load_config([
+            "--config", str(config_file), "--path.sysfs", str(self.node.sysfs),
+            "--path.procfs", str(self.node.procfs), "--kubernetes", "auto", "--gpu", "on",
+            "--interval", "1s", "--web.listen-address", "127.0.0.1:0",
+            "--node-name", node_name,
+            "--kubelet.pod-resources-socket", self.kubelet.socket_path], env={})
+        stage = build_gpu_stage(self.config, lambda: FakeNvml(self.gpus))
+        assert stage is not None
+        self.sampler = Sampler(self.config, HostNamer(), stages=[stage[0]])
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(KwattCollector(self.sampler.snapshot, StaticInfo(
+            node=node_name, interval_seconds=self.config.interval_seconds,
+            carbon_intensity_grams_per_kwh=self.config.carbon_intensity_grams_per_kwh,
+            energy_price_per_kwh=self.config.energy_price_per_kwh,
+            energy_price_currency=self.config.energy_price_currency, pue=self.config.pue)))
+        registry.register(stage[1])
+        ProcessCollector(registry=registry)
+        self.server, _ = start_server(build_app(registry, lambda: (True, "ok")),
+                                      "127.0.0.1", 0)
+        self.port = int(self.server.server_address[1])
+        self.stop_event = threading.Event()
+        self._threads = [threading.Thread(target=self.sampler.run, args=(self.stop_event,),
+                                          daemon=True),
+                         threading.Thread(target=self._feed, daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def _feed(self) -> None:
+        last = time.monotonic()
+        while not self.stop_event.wait(0.25):
+            now = time.monotonic()
+            dt, last = now - last, now
+            for gpu in self.gpus:
+                gpu.energy_mj += round(GPU_WATTS[gpu.uuid] * dt * 1000)
+            self.node.add_energy("0", 80.0 * dt)
+            self.node.add_energy("0:0", 15.0 * dt)
+            for path in self.paths.values():
+                self.node.add_cpu(path, 0.3 * dt)
+            self.node.add_node_cpu(busy_seconds=0.1 * dt, idle_seconds=6.0 * dt)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.server.shutdown()
+        self.kubelet.stop()
+
+
+def describe(gpu_node: SimulatedGpuNode) -> dict[str, Any]:
+    return {"port": gpu_node.port, "gpus": [g.uuid for g in gpu_node.gpus]}
