@@ -21,6 +21,7 @@ from kwatt.metrics import KwattCollector, StaticInfo
 from kwatt.once import run_once
 from kwatt.sampler import Sampler
 from kwatt.web import build_app, start_server
+from kwatt.workloads.kubernetes import build_kubernetes, kubernetes_enabled
 from kwatt.workloads.naming import HostNamer, WorkloadNamer
 
 log = logging.getLogger("kwatt")
@@ -53,7 +54,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log_level, config.log_format)
 
     namer: WorkloadNamer = HostNamer()
-    sampler = Sampler(config, namer)
+    kube = None
+    if kubernetes_enabled(config):
+        try:
+            kube = build_kubernetes(config)
+        except ConfigError as exc:
+            print(f"kwatt-exporter: {exc}", file=sys.stderr)
+            return 2
+        namer = kube.namer
+        kube.watcher.start()
+    # In Kubernetes mode host services and Docker containers stay in the node's system share.
+    sampler = Sampler(config, namer, include_host_units=kube is None,
+                      stages=[kube.stage] if kube is not None else [])
     if config.once:
         return run_once(sampler, namer, config.interval_seconds, config.node_name,
                         sys.stdout, time.sleep)
@@ -65,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         carbon_intensity_grams_per_kwh=config.carbon_intensity_grams_per_kwh,
         energy_price_per_kwh=config.energy_price_per_kwh,
         energy_price_currency=config.energy_price_currency, pue=config.pue)))
+    if kube is not None:
+        registry.register(kube.collector)
     ProcessCollector(registry=registry)
     GCCollector(registry=registry)
 
