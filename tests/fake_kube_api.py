@@ -9,6 +9,7 @@ a kubeconfig written by ``write_kubeconfig``.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import threading
 import time
@@ -249,6 +250,11 @@ class FakeKubeApi:
                     "metadata": {"resourceVersion": str(self.rv)}, "items": items}
         self._json(handler, 200, body)
 
+    def _watch_ready(self, generation: int, bookmarks_seen: int, sent_rv: int) -> bool:
+        return (self._close_watches != generation
+                or self._bookmark_pending != bookmarks_seen
+                or (not self.hang_watch and any(rv > sent_rv for rv, _, _ in self.events)))
+
     def _watch(self, handler: BaseHTTPRequestHandler, query: dict[str, str]) -> None:
         start_rv = int(query.get("resourceVersion") or "0")
         timeout = float(query.get("timeoutSeconds") or "30")
@@ -281,9 +287,8 @@ class FakeKubeApi:
             while True:
                 with self.cond:
                     self.cond.wait_for(
-                        lambda: self._close_watches != generation
-                        or self._bookmark_pending != bookmarks_seen
-                        or (not self.hang_watch and any(rv > sent_rv for rv, _, _ in self.events)),
+                        functools.partial(self._watch_ready, generation, bookmarks_seen,
+                                          sent_rv),
                         timeout=max(deadline - time.monotonic(), 0))
                     if self._close_watches != generation or time.monotonic() >= deadline:
                         break

@@ -27,7 +27,12 @@ _MAX_DEPTH = 24
 
 _HEX_ID = r"[0-9a-f]{64}"
 _UID = r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}"
-_SYSTEMD_POD = re.compile(rf"^kubepods(?:-(burstable|besteffort))?-pod({_UID})\.slice$")
+# systemd slices carry the kubelet's --cgroup-root as a prefix: "kubelet-kubepods-..." on kind.
+_SLICE_PREFIX = r"(?:[A-Za-z0-9_]+-)*"
+_KUBEPODS = re.compile(rf"^{_SLICE_PREFIX}kubepods(?:[-.]|$)")
+_SYSTEMD_QOS = re.compile(rf"^{_SLICE_PREFIX}kubepods-(burstable|besteffort)\.slice$")
+_SYSTEMD_POD = re.compile(
+    rf"^{_SLICE_PREFIX}kubepods(?:-(burstable|besteffort))?-pod({_UID})\.slice$")
 _CGROUPFS_POD = re.compile(rf"^pod({_UID})$")
 _SYSTEMD_CONTAINER = re.compile(rf"^(cri-containerd|crio|docker)-({_HEX_ID})\.scope$")
 _CGROUPFS_CONTAINER = re.compile(rf"^(?:(crio)-)?({_HEX_ID})$")
@@ -84,9 +89,12 @@ def detect_cgroup_layout(sysfs: str) -> CgroupLayout | None:
 def _qos_from_component(component: str) -> str | None:
     if component in ("burstable", "besteffort"):
         return component
-    if component in ("kubepods-burstable.slice", "kubepods-besteffort.slice"):
-        return component[len("kubepods-"):-len(".slice")]
-    return None
+    match = _SYSTEMD_QOS.match(component)
+    return match.group(1) if match else None
+
+
+def _is_kubepods(component: str) -> bool:
+    return _KUBEPODS.match(component) is not None
 
 
 def classify_cgroup(components: list[str], in_kubepods: bool, qos: str,
@@ -124,7 +132,12 @@ def classify_cgroup(components: list[str], in_kubepods: bool, qos: str,
 
 
 def identify_cgroup_path(path: str) -> CgroupIdentity | None:
-    """Identity of a whole cgroup path, e.g. from /proc/<pid>/cgroup."""
+    """Identity of a whole cgroup path, e.g. from /proc/<pid>/cgroup.
+
+    The deepest workload cgroup on the path wins, as in ``scan_cgroups``: a process in a
+    container's own sub-cgroup belongs to the container, one in a pod's unrecognised child
+    (crio-conmon-<id>.scope) to the pod.
+    """
     components = [c for c in path.split("/") if c]
     in_kubepods = False
     qos = ""
@@ -132,13 +145,18 @@ def identify_cgroup_path(path: str) -> CgroupIdentity | None:
     identity: CgroupIdentity | None = None
     for depth in range(len(components)):
         component = components[depth]
-        if component.startswith("kubepods"):
+        if _is_kubepods(component):
             in_kubepods = True
         qos = _qos_from_component(component) or qos
-        identity = classify_cgroup(components[: depth + 1], in_kubepods, qos, pod_uid)
-        if identity is not None and identity.kind == "pod":
-            pod_uid = identity.pod_uid
-            qos = identity.qos
+        found = classify_cgroup(components[: depth + 1], in_kubepods, qos, pod_uid)
+        if found is None:
+            continue
+        identity = found
+        if found.kind == "pod":
+            pod_uid = found.pod_uid
+            qos = found.qos
+        elif found.kind in ("container", "docker", "podman"):
+            break  # a container's inner cgroups are its own business
     return identity
 
 
@@ -187,7 +205,7 @@ def scan_cgroups(layout: CgroupLayout, *, include_host_units: bool) -> CgroupSca
             continue
         for name in entries:
             child = [*components, name]
-            child_kubepods = in_kubepods or name.startswith("kubepods")
+            child_kubepods = in_kubepods or _is_kubepods(name)
             child_qos = _qos_from_component(name) or qos
             identity = classify_cgroup(child, child_kubepods, child_qos, pod_uid)
             child_dir = os.path.join(directory, name)
