@@ -207,11 +207,11 @@ class FakeKubeApi:
         segments = [s for s in parts.path.split("/") if s]
         if parts.path == "/api/v1/pods" or (len(segments) == 5 and segments[4] == "pods"):
             self._pods(handler, query)
-        elif len(segments) == 6 and segments[:2] == ["apis", "apps"] \
-                and segments[4] == "replicasets":
-            self._owner(handler, self.replicasets.get((segments[3], segments[5])))
-        elif len(segments) == 6 and segments[:2] == ["apis", "batch"] and segments[4] == "jobs":
-            self._owner(handler, self.jobs.get((segments[3], segments[5])))
+        elif len(segments) == 7 and segments[:2] == ["apis", "apps"] \
+                and segments[5] == "replicasets":
+            self._owner(handler, self.replicasets.get((segments[4], segments[6])))
+        elif len(segments) == 7 and segments[:2] == ["apis", "batch"] and segments[5] == "jobs":
+            self._owner(handler, self.jobs.get((segments[4], segments[6])))
         else:
             self._json(handler, 404, self._status(404, "NotFound", handler.path))
 

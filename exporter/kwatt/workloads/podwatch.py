@@ -35,6 +35,7 @@ from typing import Any, cast
 import urllib3
 
 from kwatt.faults import Fault
+from kwatt.logs import RateLimitedLog
 from kwatt.workloads.podindex import Owner, OwnerResolver, PodRecord, PodStore, pod_record
 
 log = logging.getLogger("kwatt.kubernetes")
@@ -202,6 +203,7 @@ class PodWatcher:
         self._clock = clock
         self._rng = rng or random.Random()
         self.health = health or WatchHealth()
+        self._faultlog = RateLimitedLog(log, every=60.0)
         self._stop = threading.Event()
         self._attempts: collections.deque[float] = collections.deque()
         self._active_watch: Any = None
@@ -267,10 +269,11 @@ class PodWatcher:
             except Exception as exc:  # every failure is counted and retried, never fatal
                 if self._stop.is_set():
                     break
-                self.report(_fault_for(exc))
+                fault = _fault_for(exc)
+                self.report(fault)
                 self.health.set_up(False)
-                log.warning("pod list/watch failed", extra={
-                    "source": SOURCE, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+                self._faultlog.log(logging.WARNING, fault.reason, "pod list/watch failed",
+                                   source=SOURCE, reason=fault.reason, detail=fault.detail)
             failures += 1
             delay = min(settings.backoff_max_seconds,
                         settings.backoff_initial_seconds * 2 ** min(failures - 1, 30))
@@ -336,14 +339,17 @@ class PodWatcher:
         settings = self._settings
         timeout = self._rng.randint(settings.watch_timeout_min_seconds,
                                     settings.watch_timeout_max_seconds)
-        stream: Any = cast(Any, watch).Watch()
+        # return_type "object" keeps events as plain dicts (no model classes). Not
+        # deserialize=False: kubernetes 37.0.2 then fails on ERROR events (KeyError
+        # 'raw_object'), which is how a 410 Gone arrives.
+        stream: Any = cast(Any, watch).Watch(return_type="object")
         self._active_watch = stream
         self.watches += 1
         try:
             events: Iterator[Mapping[str, Any]] = stream.stream(
                 self._connect, field_selector=self._selector,
                 resource_version=self.resource_version, allow_watch_bookmarks=True,
-                timeout_seconds=timeout, deserialize=False,
+                timeout_seconds=timeout,
                 _request_timeout=(settings.connect_timeout_seconds,
                                   settings.read_timeout_seconds))
             for event in events:
