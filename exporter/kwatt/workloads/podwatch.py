@@ -175,6 +175,10 @@ class WatchHealth:
                          extra={"source": SOURCE})
             self._up = up
 
+    @property
+    def up(self) -> bool:
+        return self._up
+
     def drain(self) -> tuple[bool, list[Fault]]:
         """(source up, faults since the last call)."""
         with self._lock:
