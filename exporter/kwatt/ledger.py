@@ -8,7 +8,7 @@ waits for a cycle and never sees half of one.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 
 from kwatt.attribution import ComponentSplit
 
@@ -206,9 +206,10 @@ class EnergyLedger:
                                 self._duration_counts, strict=True):
             running += count
             cumulative.append((bound, running))
-        rows = tuple(
-            ContainerRow(a.labels, tuple(sorted(a.energy.items())))
-            for a in self._accounts.values() if a.labels is not None and a.energy)
+        rows = tuple(sorted(
+            (ContainerRow(a.labels, tuple(sorted(a.energy.items())))
+             for a in self._accounts.values() if a.labels is not None and a.energy),
+            key=lambda row: astuple(row.labels)))
         return LedgerSnapshot(
             node_energy=tuple((c, s, j) for (c, s), j in sorted(self.node_energy.items())),
             node_power=tuple((c, s, w) for (c, s), w in sorted(self.node_power.items())),

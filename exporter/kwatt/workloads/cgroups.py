@@ -27,12 +27,10 @@ _MAX_DEPTH = 24
 
 _HEX_ID = r"[0-9a-f]{64}"
 _UID = r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}"
-# systemd slices carry the kubelet's --cgroup-root as a prefix: "kubelet-kubepods-..." on kind.
-_SLICE_PREFIX = r"(?:[A-Za-z0-9_]+-)*"
-_KUBEPODS = re.compile(rf"^{_SLICE_PREFIX}kubepods(?:[-.]|$)")
-_SYSTEMD_QOS = re.compile(rf"^{_SLICE_PREFIX}kubepods-(burstable|besteffort)\.slice$")
+# A custom kubelet --cgroup-root prefixes the slices (kind: kubelet-kubepods-...slice).
 _SYSTEMD_POD = re.compile(
-    rf"^{_SLICE_PREFIX}kubepods(?:-(burstable|besteffort))?-pod({_UID})\.slice$")
+    rf"^(?:[a-z0-9]+-)?kubepods(?:-(burstable|besteffort))?-pod({_UID})\.slice$")
+_SYSTEMD_QOS = re.compile(r"^(?:[a-z0-9]+-)?kubepods-(burstable|besteffort)\.slice$")
 _CGROUPFS_POD = re.compile(rf"^pod({_UID})$")
 _SYSTEMD_CONTAINER = re.compile(rf"^(cri-containerd|crio|docker)-({_HEX_ID})\.scope$")
 _CGROUPFS_CONTAINER = re.compile(rf"^(?:(crio)-)?({_HEX_ID})$")
@@ -94,7 +92,7 @@ def _qos_from_component(component: str) -> str | None:
 
 
 def _is_kubepods(component: str) -> bool:
-    return _KUBEPODS.match(component) is not None
+    return component.startswith("kubepods") or "-kubepods" in component
 
 
 def classify_cgroup(components: list[str], in_kubepods: bool, qos: str,
