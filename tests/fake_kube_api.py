@@ -78,7 +78,8 @@ def make_pod(name: str, *, namespace: str = "default", uid: str | None = None,
 class FakeKubeApi:
     """State plus failure switches; the handler reads them under ``cond``."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_history: int = 100_000) -> None:
+        self.max_history = max_history  # events kept for watches to resume from
         self.cond = threading.Condition()
         self.rv = 100
         self.pods: dict[str, dict[str, Any]] = {}  # uid -> pod
@@ -122,6 +123,10 @@ class FakeKubeApi:
             else:
                 self.pods[uid] = stamped
             self.events.append((self.rv, kind, stamped))
+            if len(self.events) > self.max_history:
+                dropped = self.events[: len(self.events) - self.max_history]
+                del self.events[: len(dropped)]
+                self.compacted_below = max(self.compacted_below, dropped[-1][0])
             self.cond.notify_all()
 
     def compact(self) -> None:

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
+from urllib.parse import quote
 
 import urllib3
 
@@ -69,6 +70,29 @@ class GoneError(Exception):
     """410: the resourceVersion is older than the API server's history."""
 
 
+class ApiRequests:
+    """GET requests through the official client's ``ApiClient`` (kubeconfig or in-cluster
+    auth, TLS, projected-token refresh) without the generated API classes: instantiating
+    CoreV1Api, AppsV1Api and BatchV1Api costs about 27 MB of resident memory."""
+
+    def __init__(self, api_client: Any) -> None:
+        self._client = api_client
+
+    def get(self, path: str, query: Mapping[str, object], timeout: tuple[float, float]) -> Any:
+        """The urllib3 response, body not read; raises ApiException on a non-2xx status."""
+        from kubernetes.client.exceptions import ApiException
+
+        params = self._client.param_serialize(
+            method="GET", resource_path=path,
+            query_params=[(k, v) for k, v in query.items() if v is not None],
+            header_params={"Accept": "application/json"}, auth_settings=["BearerToken"])
+        response = self._client.call_api(*params, _request_timeout=timeout)
+        if not 200 <= response.status <= 299:
+            response.read()
+            raise ApiException.from_response(http_resp=response, body=None, data=None)
+        return response.response
+
+
 class ApiOwnerResolver(OwnerResolver):
     """Reads a ReplicaSet's or Job's own ownerReferences to find its Deployment or CronJob.
 
@@ -79,10 +103,7 @@ class ApiOwnerResolver(OwnerResolver):
 
     def __init__(self, api_client: Any, settings: WatchSettings,
                  clock: Callable[[], float], report: Callable[[Fault], None]) -> None:
-        from kubernetes import client
-
-        self._apps: Any = client.AppsV1Api(api_client)
-        self._batch: Any = client.BatchV1Api(api_client)
+        self._api = ApiRequests(api_client)
         self._settings = settings
         self._clock = clock
         self._report = report
@@ -109,13 +130,10 @@ class ApiOwnerResolver(OwnerResolver):
         timeout = (self._settings.connect_timeout_seconds, self._settings.owner_timeout_seconds)
         self.requests += 1
         try:
-            if kind == "ReplicaSet":
-                response = self._apps.read_namespaced_replica_set(
-                    name, namespace, _preload_content=False, _request_timeout=timeout)
-            else:
-                response = self._batch.read_namespaced_job(
-                    name, namespace, _preload_content=False, _request_timeout=timeout)
-            body = json.loads(response.data)
+            group = "apps/v1/namespaces/{}/replicasets/{}" if kind == "ReplicaSet" \
+                else "batch/v1/namespaces/{}/jobs/{}"
+            path = "/apis/" + group.format(quote(namespace, safe=""), quote(name, safe=""))
+            body = json.loads(self._api.get(path, {}, timeout).data)
         except ApiException as exc:
             if exc.status == 403:
                 self._forbidden_until[kind] = \
@@ -195,10 +213,7 @@ class PodWatcher:
                  clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None,
                  health: WatchHealth | None = None) -> None:
-        from kubernetes import client
-
-        self._api_client = api_client
-        self._core: Any = client.CoreV1Api(api_client)
+        self._api = ApiRequests(api_client)
         self._selector = f"spec.nodeName={node_name}"
         self._store = store
         self._owners = owners
@@ -293,19 +308,17 @@ class PodWatcher:
         token: str | None = None
         resource_version = ""
         while True:
-            kwargs: dict[str, Any] = {
-                "field_selector": self._selector,
-                "_preload_content": False,
-                "_request_timeout": (settings.connect_timeout_seconds,
-                                     settings.list_timeout_seconds)}
+            query: dict[str, object] = {"fieldSelector": self._selector}
             if token:
-                kwargs["_continue"] = token
+                query["continue"] = token
             elif not consistent:
-                kwargs["resource_version"] = "0"  # served from the API server's cache
+                query["resourceVersion"] = "0"  # served from the API server's cache
             if token or consistent:
-                kwargs["limit"] = settings.list_page_size
+                query["limit"] = settings.list_page_size
             try:
-                response = self._core.list_pod_for_all_namespaces(**kwargs)
+                response = self._api.get(
+                    "/api/v1/pods", query,
+                    (settings.connect_timeout_seconds, settings.list_timeout_seconds))
             except ApiException as exc:
                 if exc.status == 410:
                     raise GoneError from exc
@@ -329,11 +342,15 @@ class PodWatcher:
                                        "resource_version": resource_version})
         return resource_version
 
-    def _connect(self, **kwargs: Any) -> Any:
-        """The watch request; a 2xx answer means the API is reachable again."""
-        response = self._core.list_pod_for_all_namespaces(**kwargs)
-        if 200 <= getattr(response, "status", 0) < 300:
-            self.health.set_up(True)
+    def _connect(self, *, watch: bool, _preload_content: bool,
+                 _request_timeout: tuple[float, float], resource_version: str | None,
+                 timeout_seconds: int) -> Any:
+        """The watch request, called by ``Watch.stream``; an answer means the API is up."""
+        response = self._api.get("/api/v1/pods", {
+            "fieldSelector": self._selector, "watch": "true", "allowWatchBookmarks": "true",
+            "resourceVersion": resource_version, "timeoutSeconds": timeout_seconds,
+        }, _request_timeout)
+        self.health.set_up(True)
         return response
 
     def _watch(self) -> None:
@@ -351,8 +368,7 @@ class PodWatcher:
         self.watches += 1
         try:
             events: Iterator[Mapping[str, Any]] = stream.stream(
-                self._connect, field_selector=self._selector,
-                resource_version=self.resource_version, allow_watch_bookmarks=True,
+                self._connect, resource_version=self.resource_version,
                 timeout_seconds=timeout,
                 _request_timeout=(settings.connect_timeout_seconds,
                                   settings.read_timeout_seconds))
