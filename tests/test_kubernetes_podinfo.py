@@ -234,3 +234,25 @@ def test_exporter_names_containers_and_serves_pod_info(tmp_path: Path) -> None:
     check = subprocess.run([promtool, "check", "metrics"], input=text.encode(),
                            capture_output=True, timeout=30)
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+
+
+def test_container_never_reported_is_named_by_id_once_its_pod_is_gone() -> None:
+    from kwatt.ledger import WorkloadLabels
+    from kwatt.workloads.cgroups import CgroupIdentity
+    from kwatt.workloads.podindex import KubernetesNamer
+
+    clock = FakeClock()
+    store = PodStore(300.0, clock)
+    record = pod_record(make_pod("p", namespace="ns", uid="u", containers={
+        "c": "containerd://" + container_id("known")}), OwnerResolver(), ())
+    assert record is not None
+    store.upsert(record)
+    namer = KubernetesNamer(store.current)
+    ghost = CgroupIdentity("container", pod_uid="u", container_id=container_id("ghost"))
+    assert namer.name(ghost) is None  # the status may still catch up: hold the energy
+    store.delete(record)
+    assert namer.name(ghost) == WorkloadLabels("ns", "p", container_id("ghost")[:12], "p",
+                                               "Pod")
+    # A container id listed under another pod does not borrow that pod's names.
+    stray = CgroupIdentity("container", pod_uid="other", container_id=container_id("known"))
+    assert namer.name(stray) is None

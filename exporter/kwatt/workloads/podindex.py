@@ -274,9 +274,14 @@ class KubernetesNamer:
         index = self._index()
         if identity.kind == "container":
             found = index.containers.get(identity.container_id)
-            if found is None or found[0] != identity.pod_uid:
-                return None
-            return self._pod_labels(index.pods[found[0]], found[1])
+            if found is not None and found[0] == identity.pod_uid:
+                return self._pod_labels(index.pods[found[0]], found[1])
+            record = index.pods.get(identity.pod_uid)
+            if record is not None and record.deleted_at is not None:
+                # The pod's final status never listed this container (it died before the
+                # kubelet reported it): its name will never come, its namespace is known.
+                return self._pod_labels(record, identity.container_id[:12])
+            return None
         if identity.kind == "pod":
             record = index.pods.get(identity.pod_uid)
             if record is None:
