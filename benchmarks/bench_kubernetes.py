@@ -18,7 +18,10 @@ Targets: cycle <= 20 ms median, RSS <= 100 MB, no growth over 10,000 pod events.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import io
+import pstats
 import random
 import statistics
 import sys
@@ -128,7 +131,7 @@ def main() -> None:
             sampler.sample()
             cycle_cpu[cycle] = time.thread_time() - cpu0
             cycle_wall[cycle] = time.perf_counter() - wall0
-            if (cycle + 1) * 10 in (args.events // 2, args.events):
+            if (cycle + 1) * 10 % (args.events // 4) == 0:
                 gc.collect()
                 rss_at[(cycle + 1) * 10] = rss_mb()
 
@@ -141,6 +144,15 @@ def main() -> None:
         index = parts.store.current()
         tombstones = sum(1 for r in index.pods.values() if r.deleted_at is not None)
         unnamed = sampler.ledger.unnamed_energy()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(100):
+            now[0] += INTERVAL
+            sampler.sample()
+        profiler.disable()
+        report = io.StringIO()
+        pstats.Stats(profiler, stream=report).sort_stats("tottime").print_stats(10)
+
         parts.watcher.stop()
         api.close_watches()
         parts.watcher.join(5)
@@ -152,14 +164,18 @@ def main() -> None:
     print(f"sampler cycle CPU time   median {statistics.median(cycle_cpu) * ms:6.2f} ms  "
           f"p95 {sorted(cycle_cpu)[int(cycles * .95)] * ms:6.2f} ms  (target <= 20)")
     print(f"sampler cycle wall time  median {statistics.median(cycle_wall) * ms:6.2f} ms")
-    half, full = sorted(rss_at)
+    points = sorted(rss_at)
+    half, full = points[len(points) // 2 - 1], points[-1]
     print(f"RSS after {full} events   {rss_at[full]:6.1f} MB  (target <= 100); "
-          f"growth {half}->{full}: {rss_at[full] - rss_at[half]:+.1f} MB")
+          f"growth {half}->{full}: {rss_at[full] - rss_at[half]:+.1f} MB; "
+          + ", ".join(f"{p}: {rss_at[p]:.1f}" for p in points))
     print(f"retained: index {len(index.pods)} pods ({tombstones} tombstones), "
           f"{snap.containers_retained} finished containers in the ledger, "
           f"{len(snap.containers)} container rows; unnamed energy {unnamed or 0}")
     print(f"kwatt_pod_info scrape    median {statistics.median(scrape) * ms:6.2f} ms "
           f"({body.count(b'kwatt_pod_info{')} series)")
+    print("what dominates a cycle (top functions by own time, 100 cycles):")
+    print("\n".join(report.getvalue().splitlines()[6:22]))
 
 
 if __name__ == "__main__":

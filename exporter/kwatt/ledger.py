@@ -8,7 +8,7 @@ waits for a cycle and never sees half of one.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 
 from kwatt.attribution import ComponentSplit
 
@@ -24,6 +24,12 @@ class WorkloadLabels:
     container: str
     workload: str
     workload_kind: str
+
+
+def _label_key(labels: WorkloadLabels) -> tuple[str, str, str, str, str]:
+    # Not dataclasses.astuple: it deep-copies, about 3 ms a cycle for 1,500 rows.
+    return (labels.namespace, labels.pod, labels.container, labels.workload,
+            labels.workload_kind)
 
 
 @dataclass
@@ -209,7 +215,7 @@ class EnergyLedger:
         rows = tuple(sorted(
             (ContainerRow(a.labels, tuple(sorted(a.energy.items())))
              for a in self._accounts.values() if a.labels is not None and a.energy),
-            key=lambda row: astuple(row.labels)))
+            key=lambda row: _label_key(row.labels)))
         return LedgerSnapshot(
             node_energy=tuple((c, s, j) for (c, s), j in sorted(self.node_energy.items())),
             node_power=tuple((c, s, w) for (c, s), w in sorted(self.node_power.items())),
