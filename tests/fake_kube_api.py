@@ -90,6 +90,7 @@ class FakeKubeApi:
         self.hang = False  # accept pod requests and never answer
         self.hang_watch = False  # answer watches with headers, then send nothing
         self.forbid_owners = False
+        self.owner_fail_status: int | None = None
         self.replicasets: dict[tuple[str, str], dict[str, Any]] = {}
         self.jobs: dict[tuple[str, str], dict[str, Any]] = {}
         self.requests: list[Request] = []
@@ -221,7 +222,10 @@ class FakeKubeApi:
             self._json(handler, 404, self._status(404, "NotFound", handler.path))
 
     def _owner(self, handler: BaseHTTPRequestHandler, obj: dict[str, Any] | None) -> None:
-        if self.forbid_owners:
+        if self.owner_fail_status is not None:
+            self._json(handler, self.owner_fail_status,
+                       self._status(self.owner_fail_status, "InternalError", "injected"))
+        elif self.forbid_owners:
             self._json(handler, 403, self._status(403, "Forbidden", "forbidden"))
         elif obj is None:
             self._json(handler, 404, self._status(404, "NotFound", "not found"))

@@ -284,3 +284,19 @@ def test_forbidden_owner_lookups_fall_back_to_name_rules(tmp_path: Path) -> None
     # One 403 per kind, then no more lookups of that kind for a while.
     assert sorted(f.subject for f in faults) == ["get Job", "get ReplicaSet"]
     assert len([r for r in api.requests if r.path.startswith("/apis/")]) == 2
+
+
+def test_failing_owner_lookups_pause_instead_of_one_request_per_pod(tmp_path: Path) -> None:
+    api = FakeKubeApi()
+    api.owner_fail_status = 503
+    for index in range(20):
+        api.add(make_pod(f"svc{index}-5d8f7c-x", namespace="shop", uid=pod_uid(f"s{index}"),
+                         owner=("ReplicaSet", f"svc{index}-5d8f7c"),
+                         labels={"pod-template-hash": "5d8f7c"}))
+    with running_watcher(api, tmp_path) as parts:
+        wait_until(lambda: parts.store.current().synced)
+        kinds = {(p.workload, p.workload_kind) for p in parts.store.current().pods.values()}
+        _, faults = parts.watcher.health.drain()
+    assert kinds == {(f"svc{i}", "Deployment") for i in range(20)}  # name rule meanwhile
+    assert len([r for r in api.requests if r.path.startswith("/apis/")]) == 1
+    assert [(f.reason, f.subject) for f in faults] == [("api", "get ReplicaSet")]

@@ -59,6 +59,7 @@ class WatchSettings:
     attempt_window_seconds: float = 60.0
     owner_cache_size: int = 4096
     owner_forbidden_retry_seconds: float = 600.0
+    owner_error_retry_seconds: float = 60.0  # after a 5xx or timeout: name rules meanwhile
     # A watch that stayed up this long resets the backoff.
     healthy_after_seconds: float = 10.0
 
@@ -97,7 +98,8 @@ class ApiOwnerResolver(OwnerResolver):
     """Reads a ReplicaSet's or Job's own ownerReferences to find its Deployment or CronJob.
 
     RBAC: ``get`` on ``apps/replicasets`` and ``batch/jobs``. On 403 the lookups for that
-    kind stop for ``owner_forbidden_retry_seconds`` and the name rule answers instead.
+    kind stop for ``owner_forbidden_retry_seconds`` (other failures: for
+    ``owner_error_retry_seconds``) and the name rule answers instead.
     Results are cached (bounded LRU); never a list, only single ``get`` requests.
     """
 
@@ -143,9 +145,11 @@ class ApiOwnerResolver(OwnerResolver):
             elif exc.status == 404:
                 self._remember(key, None)  # gone already: the name rule it is
             else:
+                self._pause(kind)
                 self._report(Fault(SOURCE, "api", f"get {kind}", f"HTTP {exc.status}"))
             return None
         except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            self._pause(kind)
             self._report(Fault(SOURCE, "timeout" if _is_timeout(exc) else "api",
                                f"get {kind}", str(exc)[:200]))
             return None
@@ -158,6 +162,11 @@ class ApiOwnerResolver(OwnerResolver):
                 owner = Owner(str(ref.get("name", "")), str(ref["kind"]))
         self._remember(key, owner)
         return owner
+
+    def _pause(self, kind: str) -> None:
+        """One failed lookup pauses that kind, so a relist of 110 pods during API trouble
+        costs one failed request, not 110."""
+        self._forbidden_until[kind] = self._clock() + self._settings.owner_error_retry_seconds
 
     def _remember(self, key: tuple[str, str, str], owner: Owner | None) -> None:
         self._cache[key] = owner
