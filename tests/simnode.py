@@ -22,6 +22,11 @@ _V2_NOISE = ("cgroup.procs", "cgroup.threads", "cgroup.type", "cgroup.events", "
              "memory.events", "io.stat", "pids.current", "pids.max")
 
 
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as handle:
+        handle.write(text)
+
+
 def container_id(seed: str) -> str:
     """A deterministic 64-hex container id."""
     return (uuidlib.uuid5(uuidlib.NAMESPACE_OID, seed).hex * 2)[:64]
@@ -118,8 +123,8 @@ class SimulatedNode:
             self.add_rapl_zone(f"{socket}:2", "dram")
 
     def _write_zone(self, zone: SimZone) -> None:
-        path = self._zone_dir(zone.index) / "energy_uj"
-        path.write_text(f"{zone.energy_uj}\n")
+        _write(os.path.join(str(self.sysfs), "class", "powercap", f"intel-rapl:{zone.index}",
+                            "energy_uj"), f"{zone.energy_uj}\n")
 
     def add_energy(self, index: str, joules: float) -> None:
         """Advance a zone by ``joules``, wrapping at max_energy_range_uj like the hardware."""
@@ -140,21 +145,23 @@ class SimulatedNode:
         return self.cgroup_root / cgroup_path.strip("/")
 
     def _write_usage(self, cgroup_path: str) -> None:
-        directory = self._dir(cgroup_path)
-        directory.mkdir(parents=True, exist_ok=True)
+        # Plain strings, not pathlib: pathlib interns every path part, which would show up
+        # as memory growth in the benchmark's measurements of the exporter.
+        directory = os.path.join(str(self.cgroup_root), cgroup_path.strip("/"))
+        os.makedirs(directory, exist_ok=True)
         ns = self._usage_ns.setdefault(cgroup_path, 0)
         if self.cgroup_version == 2:
             usec = ns // 1000
-            (directory / "cpu.stat").write_text(
-                f"usage_usec {usec}\nuser_usec {usec * 2 // 3}\nsystem_usec {usec // 3}\n"
-                "nr_periods 0\nnr_throttled 0\nthrottled_usec 0\n")
+            _write(os.path.join(directory, "cpu.stat"),
+                   f"usage_usec {usec}\nuser_usec {usec * 2 // 3}\nsystem_usec {usec // 3}\n"
+                   "nr_periods 0\nnr_throttled 0\nthrottled_usec 0\n")
         else:
-            (directory / "cpuacct.usage").write_text(f"{ns}\n")
+            _write(os.path.join(directory, "cpuacct.usage"), f"{ns}\n")
         if self.noise_files:
             for name in _V2_NOISE:
-                noise = directory / name
-                if not noise.exists():
-                    noise.write_text("0\n")
+                noise = os.path.join(directory, name)
+                if not os.path.exists(noise):
+                    _write(noise, "0\n")
 
     def _ensure_path(self, cgroup_path: str) -> None:
         parts = [p for p in cgroup_path.split("/") if p]
@@ -237,7 +244,7 @@ class SimulatedNode:
                          f"{self.idle_ticks // self.vcpus} 0 0 0 0 0 0")
         lines += ["intr 0", "ctxt 0", "btime 1700000000", "processes 1",
                   "procs_running 1", "procs_blocked 0"]
-        (self.procfs / "stat").write_text("\n".join(lines) + "\n")
+        _write(os.path.join(str(self.procfs), "stat"), "\n".join(lines) + "\n")
 
     def make_world_readable(self) -> None:
         """So a test can run the exporter as an unprivileged user over this tree."""

@@ -16,11 +16,13 @@ from prometheus_client.process_collector import ProcessCollector
 
 from kwatt import __version__
 from kwatt.config import Config, ConfigError, load_config, split_listen_address
+from kwatt.gpu_stage import GpuUnavailable, build_gpu_stage
 from kwatt.logs import configure_logging
 from kwatt.metrics import KwattCollector, StaticInfo
 from kwatt.once import run_once
-from kwatt.sampler import Sampler
+from kwatt.sampler import EnergyStage, Sampler
 from kwatt.web import build_app, start_server
+from kwatt.webconfig import WebConfig, build_ssl_context, load_web_config, secure_app
 from kwatt.workloads.kubernetes import build_kubernetes, kubernetes_enabled
 from kwatt.workloads.naming import HostNamer, WorkloadNamer
 
@@ -48,12 +50,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         config = load_config(args)
+        web_config = load_web_config(config.web_config_file) \
+            if config.web_config_file else WebConfig()
+        ssl_context = build_ssl_context(web_config.tls) if web_config.tls else None
     except ConfigError as exc:
         print(f"kwatt-exporter: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_format)
 
-    namer: WorkloadNamer = HostNamer()
+    namer: WorkloadNamer = HostNamer(config.docker_root)
+    try:
+        gpu = build_gpu_stage(config)
+    except GpuUnavailable as exc:
+        print(f"kwatt-exporter: {exc}", file=sys.stderr)
+        return 2
+    stages: list[EnergyStage] = [gpu[0]] if gpu else []
     kube = None
     if kubernetes_enabled(config):
         try:
@@ -62,10 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"kwatt-exporter: {exc}", file=sys.stderr)
             return 2
         namer = kube.namer
+        stages.append(kube.stage)
         kube.watcher.start()
     # In Kubernetes mode host services and Docker containers stay in the node's system share.
-    sampler = Sampler(config, namer, include_host_units=kube is None,
-                      stages=[kube.stage] if kube is not None else [])
+    sampler = Sampler(config, namer, include_host_units=kube is None, stages=stages)
     if config.once:
         return run_once(sampler, namer, config.interval_seconds, config.node_name,
                         sys.stdout, time.sleep)
@@ -77,15 +88,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         carbon_intensity_grams_per_kwh=config.carbon_intensity_grams_per_kwh,
         energy_price_per_kwh=config.energy_price_per_kwh,
         energy_price_currency=config.energy_price_currency, pue=config.pue)))
+    if gpu is not None:
+        registry.register(gpu[1])
     if kube is not None:
         registry.register(kube.collector)
     ProcessCollector(registry=registry)
     GCCollector(registry=registry)
 
     started = time.monotonic()
-    app = build_app(registry, _health(sampler, config, started))
+    app = secure_app(build_app(registry, _health(sampler, config, started)), web_config)
     try:
-        server, _ = start_server(app, host, port)
+        server, _ = start_server(app, host, port, ssl_context=ssl_context)
     except OSError as exc:
         print(f"kwatt-exporter: --web.listen-address: cannot listen on "
               f"{config.listen_address}: {exc.strerror or exc}", file=sys.stderr)
@@ -93,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bound = server.server_address
     log.info("kwatt exporter started", extra={
         "version": __version__, "node": config.node_name,
-        "listen": f"{bound[0]!s}:{bound[1]}", "interval_seconds": config.interval_seconds})
+        "listen": f"{bound[0]!s}:{bound[1]}", "interval_seconds": config.interval_seconds,
+        "tls": web_config.tls is not None, "basic_auth": bool(web_config.basic_auth_users)})
 
     stop = threading.Event()
 

@@ -80,6 +80,7 @@ class Config:
     retention_seconds: float = 300.0
     max_retained_containers: int = 10000
     pod_label_allowlist: tuple[str, ...] = ()
+    docker_root: str = "/var/lib/docker"
     carbon_intensity_grams_per_kwh: float | None = None
     energy_price_per_kwh: float | None = None
     energy_price_currency: str = "USD"
@@ -256,6 +257,7 @@ FILE_ONLY: dict[str, tuple[str, Callable[[str, object], Any]]] = {
     "gpu.resource_names": ("gpu_resource_names", _string_list),
     "kubernetes.pod_label_allowlist": ("pod_label_allowlist", _string_list),
     "kubernetes.service_account_dir": ("service_account_dir", _string),
+    "host.docker_root": ("docker_root", _string),
     "retention_max_containers": (
         "max_retained_containers", lambda k, v: _int(k, v, minimum=1)),
     "carbon.intensity_grams_per_kwh": (

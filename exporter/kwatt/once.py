@@ -26,7 +26,7 @@ def format_report(report: CycleReport, namer: WorkloadNamer, node: str) -> str:
         lines.append("(estimated: no readable RAPL counters; see docs/metrics.md)")
     lines.append("")
     ranked = sorted(report.workload_watts.items(), key=lambda kv: kv[1], reverse=True)
-    lines.append(f"{'WORKLOAD':<48} {'KIND':<12} {'WATTS':>10}")
+    lines.append(f"{'WORKLOAD':<60} {'KIND':<12} {'WATTS':>10}")
     for key, watts in ranked[:TOP]:
         labels = namer.name(key)  # type: ignore[arg-type]
         if labels is None:
@@ -34,7 +34,7 @@ def format_report(report: CycleReport, namer: WorkloadNamer, node: str) -> str:
         else:
             name = "/".join(p for p in (labels.namespace, labels.pod, labels.container) if p)
             kind = labels.workload_kind or "container"
-        lines.append(f"{name[:48]:<48} {kind[:12]:<12} {watts:>10.2f}")
+        lines.append(f"{name[:60]:<60} {kind[:12]:<12} {watts:>10.2f}")
     if not ranked:
         lines.append("(no workload used CPU in the interval)")
     elif len(ranked) > TOP:

@@ -232,7 +232,8 @@ class Sampler:
         self._previous_time = now
         if cpu_times is not None:
             self._previous_cpu = cpu_times
-        self._publish_health(faults, rapl_reading is not None)
+        estimating = any(source == estimation.SOURCE for _, source in report_watts)
+        self._publish_health(faults, rapl_reading is not None, estimating)
         self.ledger.observe_cycle(time.perf_counter() - started, now)
         self._snapshot = self.ledger.snapshot()
         return CycleReport(dt, utilisation, report_watts,
@@ -292,7 +293,8 @@ class Sampler:
                                                estimate.watts * dt, estimate.idle_watts * dt))
         return out
 
-    def _publish_health(self, faults: list[Fault], rapl_in_use: bool) -> None:
+    def _publish_health(self, faults: list[Fault], rapl_in_use: bool,
+                        estimating: bool) -> None:
         for fault in faults:
             self._report(fault)
         failed = {f.source for f in faults}
@@ -301,8 +303,13 @@ class Sampler:
                                   and "cgroup" not in failed)
         if rapl_in_use:
             self.ledger.set_source_up("rapl", "rapl" not in failed)
-        if "estimated" in {s for (_, s) in self.ledger.node_energy}:
-            self.ledger.set_source_up("model", "procfs" not in failed)
+        if estimating:
+            self.ledger.set_source_up("model", True)
+        elif "model" in self.ledger.source_up:
+            if "procfs" in failed:  # the model needs node utilisation: it could not run
+                self.ledger.set_source_up("model", False)
+            else:  # measured again (RAPL came back): the model is no longer a source
+                del self.ledger.source_up["model"]
         current = {(f.source, f.reason, f.subject) for f in faults}
         for source, reason, subject in self._last_faults - current:
             self._faultlog.forget(f"{source}|{reason}|{subject}")

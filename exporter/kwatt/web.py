@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
@@ -11,6 +13,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
+
+from kwatt.logs import RateLimitedLog
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -21,13 +25,53 @@ _LANDING = b"""<!doctype html><html><head><title>kwatt exporter</title></head><b
 """
 
 
+# A client that connects and then stalls must not hold a thread (or a TLS handshake) forever.
+CONNECTION_TIMEOUT_SECONDS = 30.0
+
+log = logging.getLogger("kwatt.web")
+_connection_errors = RateLimitedLog(log)
+
+
 class _QuietHandler(WSGIRequestHandler):
+    timeout = CONNECTION_TIMEOUT_SECONDS
+
     def log_message(self, format: str, *args: Any) -> None:
         return  # one log line per scrape would drown the useful ones
+
+    def get_environ(self) -> dict[str, Any]:
+        environ: dict[str, Any] = super().get_environ()
+        if isinstance(self.connection, ssl.SSLSocket):
+            environ["HTTPS"] = "on"  # makes wsgiref report wsgi.url_scheme https
+        return environ
 
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    # Set by start_server when TLS is on. The handshake runs in the request's own thread
+    # (not in accept()), so one slow or broken client cannot stall the others.
+    ssl_context: ssl.SSLContext | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.ssl_context is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(CONNECTION_TIMEOUT_SECONDS)
+        try:
+            tls = self.ssl_context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            _connection_errors.log(logging.WARNING, "tls-handshake",
+                                   "TLS handshake failed", client=str(client_address[0]),
+                                   error=str(exc))
+            return
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            tls.close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver would print a traceback to stderr; one rate-limited line instead.
+        _connection_errors.log(logging.WARNING, "connection", "HTTP connection failed",
+                               client=str(client_address[0]))
 
 
 class _DualStackServer(_ThreadingWSGIServer):
@@ -59,8 +103,13 @@ def build_app(registry: CollectorRegistry, healthy: Callable[[], tuple[bool, str
     return app
 
 
-def start_server(app: WSGIApp, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
-    """Serve in a daemon thread. An empty host listens on all interfaces (IPv4 and IPv6)."""
+def start_server(app: WSGIApp, host: str, port: int,
+                 ssl_context: ssl.SSLContext | None = None,
+                 ) -> tuple[WSGIServer, threading.Thread]:
+    """Serve in a daemon thread. An empty host listens on all interfaces (IPv4 and IPv6).
+
+    With ``ssl_context`` every connection is TLS (see kwatt.webconfig).
+    """
     server_class: type[WSGIServer] = _ThreadingWSGIServer
     bind_host = host
     if host == "":
@@ -73,6 +122,8 @@ def start_server(app: WSGIApp, host: str, port: int) -> tuple[WSGIServer, thread
                             {"address_family": socket.AF_INET6})
     server = make_server(bind_host, port, app, server_class=server_class,
                          handler_class=_QuietHandler)
+    if ssl_context is not None:
+        server.ssl_context = ssl_context  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     thread.start()
     return server, thread

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Protocol
 
 from kwatt.ledger import WorkloadLabels
@@ -24,9 +26,33 @@ class HostNamer:
     """Names from the cgroup path alone: host mode, or Kubernetes without API access.
 
     Kubernetes containers get their pod UID as ``pod`` and a 12-character container id as
-    ``container``; Docker and Podman containers their 12-character id; systemd services
-    their unit name.
+    ``container``; systemd services their unit name; Docker containers the name in
+    ``<docker_root>/containers/<id>/config.v2.json`` when that is readable, else their
+    12-character id (Podman containers always the id).
     """
+
+    def __init__(self, docker_root: str | None = None) -> None:
+        self._docker_root = docker_root
+        self._docker_names: dict[str, str] = {}
+
+    def _docker_name(self, container_id: str) -> str:
+        name = self._docker_names.get(container_id)
+        if name is None:
+            name = container_id[:12]
+            if self._docker_root is not None:
+                path = os.path.join(self._docker_root, "containers", container_id,
+                                    "config.v2.json")
+                try:
+                    with open(path, encoding="utf-8") as handle:
+                        found = json.load(handle).get("Name", "")
+                    if isinstance(found, str) and found.strip("/"):
+                        name = found.strip("/")
+                except (OSError, ValueError, AttributeError):
+                    pass  # no access to Docker's state: the short id is still a stable name
+            if len(self._docker_names) > 10000:  # bounded: churned containers age out
+                self._docker_names.clear()
+            self._docker_names[container_id] = name
+        return name
 
     def name(self, identity: CgroupIdentity) -> WorkloadLabels | None:
         short = identity.container_id[:12]
@@ -34,8 +60,11 @@ class HostNamer:
             return WorkloadLabels("", identity.pod_uid, short, "", "")
         if identity.kind == "pod":
             return WorkloadLabels("", identity.pod_uid, POD_SANDBOX_CONTAINER, "", "")
-        if identity.kind in ("docker", "podman"):
-            return WorkloadLabels("", "", short, short, identity.kind)
+        if identity.kind == "docker":
+            name = self._docker_name(identity.container_id)
+            return WorkloadLabels("", "", name, name, "docker")
+        if identity.kind == "podman":
+            return WorkloadLabels("", "", short, short, "podman")
         return WorkloadLabels("", "", identity.name, identity.name, "systemd")
 
     def cpu_request(self, identity: CgroupIdentity) -> float:

@@ -1,0 +1,87 @@
+"""The kwatt_gpu_* metric families, rendered from the GPU stage's latest snapshot.
+
+Like ``KwattCollector``: no I/O on scrape, families built fresh from an immutable value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+
+@dataclass(frozen=True)
+class GpuRow:
+    index: int
+    uuid: str
+    model: str
+    mig: bool
+    up: bool
+    energy_joules: float  # accumulated while kwatt runs; never decreases
+    power_watts: float | None  # average over the last interval
+    utilisation: float | None  # 0..1 over the last interval; None in MIG mode
+
+
+@dataclass(frozen=True)
+class AllocationRow:
+    gpu: int
+    uuid: str
+    namespace: str
+    pod: str
+    container: str
+    resource: str
+
+
+@dataclass(frozen=True)
+class GpuSnapshot:
+    driver_version: str = ""
+    gpus: tuple[GpuRow, ...] = ()
+    allocations: tuple[AllocationRow, ...] = ()
+
+
+class GpuCollector(Collector):
+    def __init__(self, snapshot: Callable[[], GpuSnapshot], node: str) -> None:
+        self._snapshot = snapshot
+        self._node = node
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        node = self._node
+        energy = CounterMetricFamily(
+            "kwatt_gpu_energy_joules",
+            "Energy used by one physical GPU since kwatt started (NVML energy counter, or "
+            "integrated power where the GPU has none).", labels=("node", "gpu", "uuid"))
+        power = GaugeMetricFamily(
+            "kwatt_gpu_power_watts", "Average power of one physical GPU over the last "
+            "sample interval.", labels=("node", "gpu", "uuid"))
+        utilisation = GaugeMetricFamily(
+            "kwatt_gpu_utilization_ratio", "Fraction of the last interval in which the GPU "
+            "ran kernels (NVML utilisation; absent in MIG mode).",
+            labels=("node", "gpu", "uuid"))
+        info = GaugeMetricFamily(
+            "kwatt_gpu_info", "GPU model, driver and MIG mode; always 1.",
+            labels=("node", "gpu", "uuid", "model", "driver_version", "mig"))
+        up = GaugeMetricFamily(
+            "kwatt_gpu_up", "1 when the GPU answered NVML in the last sample, 0 while it is "
+            "lost or failing (its energy is then not counted).",
+            labels=("node", "gpu", "uuid"))
+        for gpu in snap.gpus:
+            labels = (node, str(gpu.index), gpu.uuid)
+            energy.add_metric(labels, gpu.energy_joules)
+            up.add_metric(labels, 1.0 if gpu.up else 0.0)
+            if gpu.up and gpu.power_watts is not None:
+                power.add_metric(labels, gpu.power_watts)
+            if gpu.up and gpu.utilisation is not None:
+                utilisation.add_metric(labels, gpu.utilisation)
+            info.add_metric((*labels, gpu.model, snap.driver_version,
+                             "true" if gpu.mig else "false"), 1.0)
+        allocation = GaugeMetricFamily(
+            "kwatt_gpu_allocation_info", "Which container holds which GPU, from the kubelet "
+            "PodResources API; always 1.",
+            labels=("node", "gpu", "uuid", "namespace", "pod", "container", "resource"))
+        for row in snap.allocations:
+            allocation.add_metric((node, str(row.gpu), row.uuid, row.namespace, row.pod,
+                                   row.container, row.resource), 1.0)
+        yield from (energy, power, utilisation, info, up, allocation)

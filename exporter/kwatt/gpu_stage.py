@@ -1,0 +1,309 @@
+"""The GPU energy stage: NVML readings + who holds each GPU -> GPU splits for the ledger.
+
+Run by the sampler once per cycle after CPU/DRAM (``EnergyStage``). Holders come from the
+kubelet PodResources API when there is one, matched by (namespace, pod, container) to this
+cycle's workload identities; in host mode, or while the kubelet does not answer, from
+NVML's list of compute processes (PID -> <procfs>/<pid>/cgroup -> identity). Per-process
+SM samples are mapped the same way to split shared GPUs. The stage also keeps the per-GPU
+counters behind the kwatt_gpu_* metrics and publishes them as an immutable snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Hashable, Mapping
+
+from kwatt.attribution import ComponentSplit
+from kwatt.config import Config
+from kwatt.faults import Fault
+from kwatt.gpu_attribution import (
+    GpuInterval,
+    MigShare,
+    Unattributed,
+    attribute_gpu,
+    merge_splits,
+)
+from kwatt.gpu_metrics import AllocationRow, GpuCollector, GpuRow, GpuSnapshot
+from kwatt.ledger import WorkloadLabels
+from kwatt.logs import RateLimitedLog
+from kwatt.sampler import StageResult
+from kwatt.sources import nvml
+from kwatt.sources.nvml import GpuReader, GpuReading, NvmlBackend
+from kwatt.workloads import podresources
+from kwatt.workloads.cgroups import CgroupIdentity, identify_cgroup_path
+from kwatt.workloads.podresources import DeviceAllocation, PodResourcesClient, parse_device_id
+
+log = logging.getLogger("kwatt.gpu")
+
+Holder = CgroupIdentity | Unattributed
+# A PID whose /proc entry cannot be read: exited, or not in our PID namespace (no hostPID).
+# Its SM samples are ignored rather than charged to "system", so that a shared GPU is split
+# evenly when kwatt cannot see the processes at all.
+INVISIBLE = CgroupIdentity("invisible")
+
+
+class GpuUnavailable(Exception):
+    """``--gpu on`` and NVML cannot be used: the exporter must not start."""
+
+
+def identity_of_pid(procfs: str, pid: int) -> CgroupIdentity | None:
+    """The workload cgroup of a process, from ``<procfs>/<pid>/cgroup`` (v1 or v2)."""
+    try:
+        with open(os.path.join(procfs, str(pid), "cgroup"), encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return INVISIBLE
+    unified, accounting, rest = [], [], []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, path = parts
+        if hierarchy == "0" and controllers == "":
+            unified.append(path)
+        elif "cpuacct" in controllers.split(","):
+            accounting.append(path)
+        else:
+            rest.append(path)
+    for path in (*unified, *accounting, *rest):
+        identity = identify_cgroup_path(path)
+        if identity is not None:
+            return identity
+    return None
+
+
+class GpuStage:
+    """``EnergyStage`` for NVIDIA GPUs."""
+
+    def __init__(self, reader: GpuReader, client: PodResourcesClient | None, procfs: str,
+                 pid_identity: Callable[[str, int], CgroupIdentity | None] = identity_of_pid
+                 ) -> None:
+        self._reader = reader
+        self._client = client
+        self._procfs = procfs
+        self._pid_identity = pid_identity
+        self._pid_cache: dict[int, CgroupIdentity | None] = {}
+        self._energy: dict[str, float] = {}
+        self._snapshot = GpuSnapshot(reader.driver_version)
+        self._ratelog = RateLimitedLog(log, every=600.0)
+        self.last_nvml_calls = 0
+        # Set when a PodResources holder could not be matched by name last cycle: then the
+        # compute process list is read too, to find that holder's container by PID.
+        self._unmatched_holders = False
+
+    def snapshot(self) -> GpuSnapshot:
+        return self._snapshot
+
+    # -- one cycle --------------------------------------------------------------------
+
+    def sample(self, now: float,
+               workloads: Mapping[CgroupIdentity, WorkloadLabels | None]) -> StageResult:
+        faults: list[Fault] = []
+        source_up: dict[str, bool] = {}
+        allocations: tuple[DeviceAllocation, ...] | None = None
+        if self._client is not None:
+            listed = self._client.list()
+            allocations = listed.allocations
+            source_up[podresources.SOURCE] = listed.fault is None
+            if listed.fault is not None:
+                faults.append(listed.fault)
+                self._ratelog.log(logging.WARNING, "fallback",
+                                  "kubelet PodResources unavailable; GPU holders come from "
+                                  "NVML's process list until it answers",
+                                  socket=self._client.socket_path, detail=listed.fault.detail)
+            else:
+                self._ratelog.forget("fallback")
+
+        cycle = self._reader.read(now, want_pids=allocations is None
+                                  or self._unmatched_holders)
+        self.last_nvml_calls = cycle.calls
+        faults.extend(cycle.faults)
+        source_up[nvml.SOURCE] = not cycle.faults
+
+        seen_pids: set[int] = set()
+        gpu_pids = {g.uuid: g.compute_pids for g in cycle.gpus}
+        mig_pids = {i.uuid: i.pids for g in cycle.gpus for i in g.instances}
+        if allocations is not None:
+            holders, mig_holders, rows = self._holders_from_allocations(
+                allocations, cycle.gpus, workloads)
+            self._unmatched_holders = any(
+                isinstance(h, Unattributed) for hs in (*holders.values(),
+                                                       *mig_holders.values()) for h in hs)
+            holders = {uuid: self._match_by_pid(hs, gpu_pids.get(uuid, ()), seen_pids)
+                       for uuid, hs in holders.items()}
+            mig_holders = {uuid: self._match_by_pid(hs, mig_pids.get(uuid, ()), seen_pids)
+                           for uuid, hs in mig_holders.items()}
+        else:
+            holders, mig_holders = self._holders_from_processes(cycle.gpus, seen_pids)
+            rows = ()
+
+        splits: list[ComponentSplit[CgroupIdentity]] = []
+        gpu_rows: list[GpuRow] = []
+        for gpu in cycle.gpus:
+            interval = self._interval(gpu, holders.get(gpu.uuid, ()), mig_holders, seen_pids)
+            if interval is not None:
+                splits.append(attribute_gpu(interval))
+            gpu_rows.append(self._account(gpu))
+        for pid in [p for p in self._pid_cache if p not in seen_pids]:
+            del self._pid_cache[pid]
+        self._snapshot = GpuSnapshot(self._reader.driver_version, tuple(gpu_rows), rows)
+        # One booking per cycle for all GPUs; a cycle with no GPU energy books nothing.
+        booked: list[ComponentSplit[Hashable]] = []
+        if splits:
+            merged = merge_splits(splits)
+            booked.append(merged)  # type: ignore[arg-type]
+        return StageResult(booked, faults, source_up)
+
+    def _account(self, gpu: GpuReading) -> GpuRow:
+        total = self._energy.get(gpu.uuid, 0.0)
+        power = None
+        if gpu.joules is not None and gpu.joules >= 0:
+            total += gpu.joules
+            self._energy[gpu.uuid] = total
+            if gpu.dt:
+                power = gpu.joules / gpu.dt
+        return GpuRow(gpu.index, gpu.uuid, gpu.model, gpu.mig_enabled, gpu.up, total, power,
+                      gpu.utilisation)
+
+    def _identity(self, pid: int, seen: set[int]) -> CgroupIdentity | None:
+        seen.add(pid)
+        if pid not in self._pid_cache:
+            self._pid_cache[pid] = self._pid_identity(self._procfs, pid)
+        return self._pid_cache[pid]
+
+    def _interval(self, gpu: GpuReading, holders: tuple[Holder, ...],
+                  mig_holders: Mapping[str, tuple[Holder, ...]],
+                  seen: set[int]) -> GpuInterval[CgroupIdentity] | None:
+        if not gpu.up or gpu.joules is None:
+            return None
+        if gpu.mig_enabled and gpu.instances:
+            shares = tuple(
+                MigShare[CgroupIdentity](i.slices, 1.0 if i.pids else 0.0,
+                                         mig_holders.get(i.uuid, ()))
+                for i in gpu.instances)
+            return GpuInterval(gpu.uuid, gpu.joules, instances=shares)
+        activity: dict[Holder, float] = {}
+        if len(set(holders)) > 1:
+            members = set(holders)
+            for sample in gpu.process_samples:
+                identity = self._identity(sample.pid, seen)
+                if identity == INVISIBLE:
+                    continue
+                key: Holder = identity if identity in members and identity is not None \
+                    else Unattributed("system")
+                activity[key] = activity.get(key, 0.0) + sample.sm_percent
+        return GpuInterval(gpu.uuid, gpu.joules, holders, gpu.utilisation, activity)
+
+    def _match_by_pid(self, holders: tuple[Holder, ...], pids: tuple[int, ...],
+                      seen: set[int]) -> tuple[Holder, ...]:
+        """Name-less matching for the common case: exactly one holder of a device could not
+        be found by (namespace, pod, container) - e.g. the namer does not know the pod yet -
+        and exactly one other workload container runs compute processes on it: that
+        container is the holder."""
+        unmatched = [h for h in holders if isinstance(h, Unattributed)]
+        if len(unmatched) != 1 or not pids:
+            return holders
+        candidates = {identity for pid in pids
+                      if (identity := self._identity(pid, seen)) is not None
+                      and identity.kind == "container" and identity not in holders}
+        if len(candidates) != 1:
+            return holders
+        (found,) = candidates
+        return tuple(found if h == unmatched[0] else h for h in holders)
+
+    def _holders_from_allocations(
+            self, allocations: tuple[DeviceAllocation, ...], gpus: tuple[GpuReading, ...],
+            workloads: Mapping[CgroupIdentity, WorkloadLabels | None]
+    ) -> tuple[dict[str, tuple[Holder, ...]], dict[str, tuple[Holder, ...]],
+               tuple[AllocationRow, ...]]:
+        by_name: dict[tuple[str, str, str], CgroupIdentity] = {}
+        for identity, labels in workloads.items():
+            if labels is not None and identity.kind == "container":
+                by_name[(labels.namespace, labels.pod, labels.container)] = identity
+        by_uuid = {g.uuid: g for g in gpus}
+        by_index = {str(g.index): g for g in gpus}
+        mig_parent = {i.uuid: g for g in gpus for i in g.instances}
+        holders: dict[str, list[Holder]] = {}
+        mig_holders: dict[str, list[Holder]] = {}
+        rows: dict[AllocationRow, None] = {}
+        for a in allocations:
+            ref = parse_device_id(a.device_id)
+            if ref.kind == "mig":
+                gpu = mig_parent.get(ref.value)
+            elif ref.kind == "index":
+                gpu = by_index.get(ref.value)
+            else:
+                gpu = by_uuid.get(ref.value)
+            if gpu is None:
+                self._ratelog.log(logging.INFO, f"unknown-device|{a.device_id}",
+                                  "PodResources names a GPU that NVML does not list",
+                                  device_id=a.device_id, resource=a.resource,
+                                  namespace=a.namespace, pod=a.pod, container=a.container)
+                continue
+            key = (a.namespace, a.pod, a.container)
+            holder: Holder = by_name.get(key) or Unattributed(
+                "unidentified", "/".join(key))
+            target = mig_holders.setdefault(ref.value, []) if ref.kind == "mig" \
+                else holders.setdefault(gpu.uuid, [])
+            if holder not in target:
+                target.append(holder)
+            rows[AllocationRow(gpu.index, gpu.uuid, a.namespace, a.pod, a.container,
+                               a.resource)] = None
+        return ({k: tuple(v) for k, v in holders.items()},
+                {k: tuple(v) for k, v in mig_holders.items()}, tuple(rows))
+
+    def _holders_from_processes(self, gpus: tuple[GpuReading, ...], seen: set[int]
+                                ) -> tuple[dict[str, tuple[Holder, ...]],
+                                           dict[str, tuple[Holder, ...]]]:
+        def keys(pids: tuple[int, ...]) -> tuple[Holder, ...]:
+            out: dict[Holder, None] = {}
+            for pid in pids:
+                identity = self._identity(pid, seen)
+                key: Holder = identity if identity is not None and identity != INVISIBLE \
+                    else Unattributed("system")
+                out[key] = None
+            return tuple(out)
+
+        holders = {g.uuid: keys(g.compute_pids) for g in gpus if not g.mig_enabled}
+        mig_holders = {i.uuid: keys(i.pids) for g in gpus for i in g.instances}
+        return holders, mig_holders
+
+
+def build_gpu_stage(config: Config,
+                    backend_factory: Callable[[], NvmlBackend] | None = None
+                    ) -> tuple[GpuStage, GpuCollector] | None:
+    """The GPU stage for ``--gpu auto|on|off``; None when GPUs are off or absent (auto).
+
+    Raises ``GpuUnavailable`` for ``--gpu on`` when NVML cannot be loaded or sees no GPU.
+    """
+    if config.gpu == "off":
+        return None
+    reader, why = nvml.load_backend(backend_factory)
+    if reader is not None and not reader.gpu_count:
+        reader, why = None, "NVML lists no GPU"
+    if reader is None:
+        if config.gpu == "on":
+            raise GpuUnavailable(f"--gpu on: cannot use NVML: {why}")
+        log.info("GPU energy not measured: NVML unavailable (--gpu auto)", extra={"why": why})
+        return None
+    client: PodResourcesClient | None = None
+    socket = config.pod_resources_socket
+    if config.kubernetes == "on" or (config.kubernetes == "auto" and os.path.exists(socket)):
+        client = PodResourcesClient(socket, config.gpu_resource_names,
+                                    timeout_seconds=min(2.0, config.interval_seconds / 2))
+        allocatable, fault = client.allocatable()
+        if fault is not None:
+            log.warning("kubelet PodResources not answering yet", extra={
+                "socket": socket, "reason": fault.reason, "detail": fault.detail})
+        else:
+            log.info("GPU holders from kubelet PodResources", extra={
+                "socket": socket, "allocatable_devices": sum(
+                    len(v) for v in (allocatable or {}).values())})
+    else:
+        log.info("GPU holders from NVML's process list (no kubelet PodResources)",
+                 extra={"kubernetes": config.kubernetes, "socket": socket})
+    log.info("reading GPU energy through NVML", extra={
+        "gpus": reader.gpu_count, "driver_version": reader.driver_version})
+    stage = GpuStage(reader, client, config.procfs)
+    return stage, GpuCollector(stage.snapshot, config.node_name)

@@ -1,0 +1,451 @@
+"""GPU energy and activity from NVML, behind a small interface of our own.
+
+``NvmlBackend`` is the handful of NVML calls kwatt makes, addressed by GPU UUID;
+``PynvmlBackend`` implements it over nvidia-ml-py and ``kwatt.sources.nvml_fake`` over
+scripted values. ``GpuReader`` holds everything that is not a plain NVML call: discovery,
+turning the energy counter (or integrated power) into per-interval joules that never go
+backwards, the last-seen timestamp of per-process samples, GPUs that get lost and come
+back. Per-call errors become ``Fault`` objects (source ``nvml``); one bad GPU never stops
+the others.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from kwatt.faults import Fault
+
+SOURCE = "nvml"
+log = logging.getLogger("kwatt.nvml")
+
+
+class NvmlCallError(Exception):
+    """One NVML call failed. ``kind``: lost, not_supported, not_found, permission, timeout,
+    unknown."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+class NvmlUnavailable(Exception):
+    """NVML cannot be initialised (no driver, no library, no GPU)."""
+
+
+_FAULT_REASON = {"lost": "absent", "not_found": "absent", "permission": "permission",
+                 "timeout": "timeout", "not_supported": "api", "unknown": "api"}
+
+
+@dataclass(frozen=True)
+class ProcessSample:
+    """One ``nvmlDeviceGetProcessUtilization`` sample: SM percent of one PID."""
+
+    pid: int
+    sm_percent: float
+    timestamp_us: int
+
+
+@dataclass(frozen=True)
+class MigInstance:
+    uuid: str  # MIG-<uuid>, as the device plugin reports it
+    gpu_instance_id: int
+    slices: int  # GPU instance slice count (3 for 3g.20gb)
+    profile: str  # e.g. "3g.20gb" or the device name when NVML gives no profile
+    pids: tuple[int, ...] = ()  # compute processes running in the instance
+
+
+class NvmlBackend(Protocol):
+    """The NVML calls kwatt makes. Each raises ``NvmlCallError`` on failure."""
+
+    def init(self) -> None:
+        """Load and initialise NVML; raise ``NvmlUnavailable`` when it cannot."""
+
+    def driver_version(self) -> str: ...
+    def device_uuids(self) -> list[str]:
+        """UUIDs of all GPUs, in NVML index order."""
+    def name(self, uuid: str) -> str: ...
+    def index(self, uuid: str) -> int: ...
+    def total_energy_mj(self, uuid: str) -> int: ...
+    def power_mw(self, uuid: str) -> int: ...
+    def utilisation_percent(self, uuid: str) -> int: ...
+    def process_utilisation(self, uuid: str, since_us: int) -> list[ProcessSample]: ...
+    def compute_pids(self, uuid: str) -> list[int]: ...
+    def mig_enabled(self, uuid: str) -> bool: ...
+    def mig_instances(self, uuid: str) -> list[MigInstance]: ...
+
+
+@dataclass(frozen=True)
+class GpuReading:
+    """One GPU over one interval, as the attribution needs it."""
+
+    index: int
+    uuid: str
+    model: str
+    mig_enabled: bool
+    up: bool
+    joules: float | None = None  # None on the first reading and after a re-baseline
+    dt: float | None = None
+    utilisation: float | None = None  # 0..1
+    process_samples: tuple[ProcessSample, ...] = ()
+    compute_pids: tuple[int, ...] = ()
+    instances: tuple[MigInstance, ...] = ()
+    energy_source: str = "counter"  # counter or power (integrated nvmlDeviceGetPowerUsage)
+
+
+@dataclass(frozen=True)
+class NvmlCycle:
+    gpus: tuple[GpuReading, ...]
+    faults: tuple[Fault, ...]
+    calls: int  # NVML calls made this cycle, for the benchmark
+
+
+@dataclass
+class _GpuState:
+    uuid: str
+    index: int
+    model: str = ""
+    mig_enabled: bool = False
+    up: bool = True
+    has_counter: bool = True
+    has_process_utilisation: bool = True
+    last_energy_mj: int | None = None
+    last_power_mw: int | None = None
+    last_time: float | None = None
+    last_seen_us: int = 0
+    static_known: bool = False
+    instances: tuple[MigInstance, ...] = field(default_factory=tuple)
+
+
+class GpuReader:
+    """Reads every GPU once per cycle through a backend; keeps the counter state."""
+
+    def __init__(self, backend: NvmlBackend) -> None:
+        self._backend = backend
+        self._gpus: dict[str, _GpuState] = {}
+        self._calls = 0
+        self.driver_version = ""
+
+    @property
+    def gpu_count(self) -> int:
+        return len(self._gpus)
+
+    def start(self) -> list[Fault]:
+        """Initialise NVML and discover the GPUs. Raises ``NvmlUnavailable``."""
+        self._backend.init()
+        faults: list[Fault] = []
+        self.driver_version = self._call(faults, "driver", self._backend.driver_version) or ""
+        self._discover(faults)
+        return faults
+
+    def _call(self, faults: list[Fault], subject: str, fn: Callable[..., Any],
+              *args: Any) -> Any:
+        self._calls += 1
+        try:
+            return fn(*args)
+        except NvmlCallError as exc:
+            faults.append(Fault(SOURCE, _FAULT_REASON.get(exc.kind, "api"), subject,
+                                f"{getattr(fn, '__name__', 'nvml')}: {exc.detail}"))
+            return None
+
+    def _discover(self, faults: list[Fault]) -> None:
+        uuids = self._call(faults, "devices", self._backend.device_uuids)
+        for position, uuid in enumerate(uuids or []):
+            if uuid not in self._gpus:
+                self._gpus[uuid] = _GpuState(uuid, position)
+                log.info("found GPU", extra={"gpu": position, "uuid": uuid})
+
+    def _learn_static(self, gpu: _GpuState, faults: list[Fault]) -> bool:
+        before = len(faults)
+        b = self._backend
+        index = self._call(faults, gpu.uuid, b.index, gpu.uuid)
+        model = self._call(faults, gpu.uuid, b.name, gpu.uuid)
+        try:
+            self._calls += 1
+            mig = b.mig_enabled(gpu.uuid)
+        except NvmlCallError as exc:
+            if exc.kind != "not_supported":  # pre-Ampere GPUs: MIG simply does not exist
+                faults.append(Fault(SOURCE, _FAULT_REASON.get(exc.kind, "api"), gpu.uuid,
+                                    f"mig_enabled: {exc.detail}"))
+            mig = False
+        if len(faults) > before:
+            return False
+        gpu.index, gpu.model, gpu.mig_enabled = int(index), str(model), bool(mig)
+        gpu.static_known = True
+        return True
+
+    def read(self, now: float, want_pids: bool) -> NvmlCycle:
+        """One reading of every GPU. ``want_pids``: also list compute processes (host mode)."""
+        self._calls = 0
+        faults: list[Fault] = []
+        if any(not g.up for g in self._gpus.values()):
+            self._discover(faults)  # a GPU that fell off the bus may come back renumbered
+        out = [self._read_gpu(gpu, now, want_pids, faults) for gpu in self._gpus.values()]
+        out.sort(key=lambda r: r.index)
+        return NvmlCycle(tuple(out), tuple(faults), self._calls)
+
+    def _mark_down(self, gpu: _GpuState) -> GpuReading:
+        if gpu.up:
+            log.warning("GPU is down; its energy is not counted until it answers again",
+                        extra={"gpu": gpu.index, "uuid": gpu.uuid})
+        gpu.up = False
+        # Energy spent while it was unreadable cannot be attributed to anyone: start over.
+        gpu.last_energy_mj = gpu.last_power_mw = None
+        gpu.last_time = None
+        gpu.static_known = False
+        return GpuReading(gpu.index, gpu.uuid, gpu.model, gpu.mig_enabled, up=False)
+
+    def _read_gpu(self, gpu: _GpuState, now: float, want_pids: bool,
+                  faults: list[Fault]) -> GpuReading:
+        b = self._backend
+        before = len(faults)
+        if not gpu.static_known and not self._learn_static(gpu, faults):
+            return self._mark_down(gpu)
+        if not gpu.up:
+            log.info("GPU is back", extra={"gpu": gpu.index, "uuid": gpu.uuid})
+            gpu.up = True
+
+        joules, energy_source = self._energy(gpu, now, faults)
+        if len(faults) > before:
+            return self._mark_down(gpu)
+        dt = None if gpu.last_time is None else now - gpu.last_time
+        gpu.last_time = now
+
+        utilisation: float | None = None
+        samples: tuple[ProcessSample, ...] = ()
+        instances: tuple[MigInstance, ...] = ()
+        pids: tuple[int, ...] = ()
+        if gpu.mig_enabled:
+            # MIG has no device or per-process utilisation; instance activity comes from
+            # the processes running in each instance.
+            found = self._call(faults, gpu.uuid, b.mig_instances, gpu.uuid)
+            instances = tuple(found) if found is not None else gpu.instances
+            gpu.instances = instances
+        else:
+            percent = self._optional(gpu, faults, b.utilisation_percent, gpu.uuid)
+            utilisation = None if percent is None else min(max(percent / 100.0, 0.0), 1.0)
+            samples = self._process_samples(gpu, faults)
+            if want_pids:
+                found = self._call(faults, gpu.uuid, b.compute_pids, gpu.uuid)
+                pids = tuple(found or ())
+        if any(f.reason == "absent" for f in faults[before:]):
+            return self._mark_down(gpu)
+        return GpuReading(gpu.index, gpu.uuid, gpu.model, gpu.mig_enabled, True,
+                          joules if dt is not None else None, dt, utilisation, samples, pids,
+                          instances, energy_source)
+
+    def _optional(self, gpu: _GpuState, faults: list[Fault], fn: Callable[..., Any],
+                  *args: Any) -> Any:
+        self._calls += 1
+        try:
+            return fn(*args)
+        except NvmlCallError as exc:
+            if exc.kind != "not_supported":
+                faults.append(Fault(SOURCE, _FAULT_REASON.get(exc.kind, "api"), gpu.uuid,
+                                    f"{getattr(fn, '__name__', 'nvml')}: {exc.detail}"))
+            return None
+
+    def _energy(self, gpu: _GpuState, now: float,
+                faults: list[Fault]) -> tuple[float | None, str]:
+        b = self._backend
+        if gpu.has_counter:
+            self._calls += 1
+            try:
+                mj = b.total_energy_mj(gpu.uuid)
+            except NvmlCallError as exc:
+                if exc.kind != "not_supported":
+                    faults.append(Fault(SOURCE, _FAULT_REASON.get(exc.kind, "api"), gpu.uuid,
+                                        f"total_energy_mj: {exc.detail}"))
+                    return None, "counter"
+                log.info("GPU has no energy counter; integrating its power readings",
+                         extra={"gpu": gpu.index, "uuid": gpu.uuid})
+                gpu.has_counter = False
+            else:
+                previous = gpu.last_energy_mj
+                gpu.last_energy_mj = mj
+                if previous is None:
+                    return None, "counter"
+                if mj < previous:
+                    # The counter counts since driver load: a reload restarts it. Never go
+                    # backwards; this one interval is lost, the next is measured again.
+                    log.warning("GPU energy counter went backwards (driver reload?); "
+                                "re-baselining", extra={"gpu": gpu.index, "uuid": gpu.uuid,
+                                                        "previous_mj": previous, "now_mj": mj})
+                    return 0.0, "counter"
+                return (mj - previous) / 1000.0, "counter"
+        mw = self._call(faults, gpu.uuid, b.power_mw, gpu.uuid)
+        if mw is None:
+            return None, "power"
+        previous_mw, gpu.last_power_mw = gpu.last_power_mw, int(mw)
+        if previous_mw is None or gpu.last_time is None:
+            return None, "power"
+        # Trapezoid over the interval: both ends are ~1 s averages NVML keeps for us.
+        watts = (previous_mw + int(mw)) / 2.0 / 1000.0
+        return max(watts, 0.0) * (now - gpu.last_time), "power"
+
+    def _process_samples(self, gpu: _GpuState,
+                         faults: list[Fault]) -> tuple[ProcessSample, ...]:
+        if not gpu.has_process_utilisation:
+            return ()
+        self._calls += 1
+        try:
+            samples = self._backend.process_utilisation(gpu.uuid, gpu.last_seen_us)
+        except NvmlCallError as exc:
+            if exc.kind == "not_found":  # no process had activity since last_seen
+                return ()
+            if exc.kind == "not_supported":
+                log.info("GPU has no per-process utilisation; shared GPUs split evenly",
+                         extra={"gpu": gpu.index, "uuid": gpu.uuid})
+                gpu.has_process_utilisation = False
+                return ()
+            faults.append(Fault(SOURCE, _FAULT_REASON.get(exc.kind, "api"), gpu.uuid,
+                                f"process_utilisation: {exc.detail}"))
+            return ()
+        fresh = tuple(s for s in samples if s.timestamp_us > gpu.last_seen_us)
+        if fresh:
+            gpu.last_seen_us = max(s.timestamp_us for s in fresh)
+        return fresh
+
+
+# --------------------------------------------------------------------------- pynvml
+
+
+class PynvmlBackend:
+    """``NvmlBackend`` over nvidia-ml-py. Handles are looked up by UUID and cached; a handle
+    is dropped when its GPU is lost so that it is looked up afresh when the GPU returns."""
+
+    def __init__(self) -> None:
+        import pynvml
+
+        self._nv: Any = pynvml
+        self._handles: dict[str, Any] = {}
+
+    def _error(self, exc: Exception) -> NvmlCallError:
+        nv = self._nv
+        code = getattr(exc, "value", None)
+        # NVML_SUCCESS as an error: pynvml's nvmlDeviceGetProcessUtilization raises it when
+        # the size query finds no sample at all; it means "nothing since the timestamp".
+        kind = {nv.NVML_SUCCESS: "not_found", nv.NVML_ERROR_GPU_IS_LOST: "lost",
+                nv.NVML_ERROR_NOT_SUPPORTED: "not_supported",
+                nv.NVML_ERROR_NOT_FOUND: "not_found", nv.NVML_ERROR_NO_PERMISSION: "permission",
+                nv.NVML_ERROR_TIMEOUT: "timeout", nv.NVML_ERROR_INVALID_ARGUMENT: "not_found",
+                }.get(code, "unknown")
+        return NvmlCallError(kind, str(exc))
+
+    def _run(self, fn: Callable[..., Any], uuid: str | None, *args: Any) -> Any:
+        try:
+            if uuid is None:
+                return fn(*args)
+            handle = self._handles.get(uuid)
+            if handle is None:
+                handle = self._handles[uuid] = self._nv.nvmlDeviceGetHandleByUUID(uuid)
+            return fn(handle, *args)
+        except self._nv.NVMLError as exc:
+            error = self._error(exc)
+            if error.kind in ("lost", "not_found", "unknown") and uuid is not None:
+                self._handles.pop(uuid, None)
+            raise error from exc
+
+    def init(self) -> None:
+        try:
+            self._nv.nvmlInit()
+        except self._nv.NVMLError as exc:
+            raise NvmlUnavailable(str(exc)) from exc
+        except OSError as exc:
+            raise NvmlUnavailable(str(exc)) from exc
+
+    def driver_version(self) -> str:
+        return str(self._run(self._nv.nvmlSystemGetDriverVersion, None))
+
+    def device_uuids(self) -> list[str]:
+        nv = self._nv
+
+        def each() -> list[str]:
+            out = []
+            for i in range(nv.nvmlDeviceGetCount()):
+                handle = nv.nvmlDeviceGetHandleByIndex(i)
+                uuid = str(nv.nvmlDeviceGetUUID(handle))
+                self._handles[uuid] = handle
+                out.append(uuid)
+            return out
+        return list(self._run(each, None))
+
+    def name(self, uuid: str) -> str:
+        return str(self._run(self._nv.nvmlDeviceGetName, uuid))
+
+    def index(self, uuid: str) -> int:
+        return int(self._run(self._nv.nvmlDeviceGetIndex, uuid))
+
+    def total_energy_mj(self, uuid: str) -> int:
+        return int(self._run(self._nv.nvmlDeviceGetTotalEnergyConsumption, uuid))
+
+    def power_mw(self, uuid: str) -> int:
+        return int(self._run(self._nv.nvmlDeviceGetPowerUsage, uuid))
+
+    def utilisation_percent(self, uuid: str) -> int:
+        return int(self._run(self._nv.nvmlDeviceGetUtilizationRates, uuid).gpu)
+
+    def process_utilisation(self, uuid: str, since_us: int) -> list[ProcessSample]:
+        samples = self._run(self._nv.nvmlDeviceGetProcessUtilization, uuid, since_us)
+        return [ProcessSample(int(s.pid), float(s.smUtil), int(s.timeStamp)) for s in samples]
+
+    def compute_pids(self, uuid: str) -> list[int]:
+        return [int(p.pid) for p in
+                self._run(self._nv.nvmlDeviceGetComputeRunningProcesses, uuid)]
+
+    def mig_enabled(self, uuid: str) -> bool:
+        current, _pending = self._run(self._nv.nvmlDeviceGetMigMode, uuid)
+        return bool(current == self._nv.NVML_DEVICE_MIG_ENABLE)
+
+    def mig_instances(self, uuid: str) -> list[MigInstance]:
+        nv = self._nv
+
+        def each(parent: Any) -> list[MigInstance]:
+            out = []
+            for i in range(nv.nvmlDeviceGetMaxMigDeviceCount(parent)):
+                try:
+                    mig = nv.nvmlDeviceGetMigDeviceHandleByIndex(parent, i)
+                except nv.NVMLError as exc:
+                    if getattr(exc, "value", None) == nv.NVML_ERROR_NOT_FOUND:
+                        continue  # an empty slot
+                    raise
+                attributes = nv.nvmlDeviceGetAttributes(mig)
+                name = str(nv.nvmlDeviceGetName(mig))
+                try:
+                    pids = tuple(int(p.pid) for p in
+                                 nv.nvmlDeviceGetComputeRunningProcesses(mig))
+                except nv.NVMLError:
+                    pids = ()
+                out.append(MigInstance(
+                    uuid=str(nv.nvmlDeviceGetUUID(mig)),
+                    gpu_instance_id=int(nv.nvmlDeviceGetGpuInstanceId(mig)),
+                    slices=int(attributes.gpuInstanceSliceCount),
+                    profile=_mig_profile(name), pids=pids))
+            return out
+        return list(self._run(each, uuid))
+
+
+def _mig_profile(device_name: str) -> str:
+    """'NVIDIA A100-SXM4-40GB MIG 3g.20gb' -> '3g.20gb'."""
+    _head, sep, tail = device_name.rpartition(" MIG ")
+    return tail.strip() if sep else device_name
+
+
+def load_backend(factory: Callable[[], NvmlBackend] | None = None
+                 ) -> tuple[GpuReader | None, str]:
+    """A started reader, or None and a one-line reason why NVML cannot be used."""
+    try:
+        backend = factory() if factory is not None else PynvmlBackend()
+        reader = GpuReader(backend)
+        faults = reader.start()
+    except (NvmlUnavailable, ImportError, OSError) as exc:
+        return None, str(exc) or type(exc).__name__
+    for fault in faults:
+        log.warning("NVML discovery failed", extra={"subject": fault.subject,
+                                                    "reason": fault.reason,
+                                                    "detail": fault.detail})
+    return reader, ""
+

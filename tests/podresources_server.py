@@ -1,0 +1,75 @@
+"""A real kubelet PodResources v1 gRPC server on a unix socket, for tests.
+
+It serves whatever allocations the test puts in ``allocations`` (mutable between calls) and
+can be told to hang, to exercise the client's per-call deadline.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from kwatt.workloads._proto import podresources_pb2 as pb
+from kwatt.workloads._proto import podresources_pb2_grpc as pb_grpc
+
+
+@dataclass
+class Allocation:
+    namespace: str
+    pod: str
+    container: str
+    resource: str
+    device_ids: list[str]
+
+
+@dataclass
+class Lister(pb_grpc.PodResourcesListerServicer):  # type: ignore[misc]
+    allocations: list[Allocation] = field(default_factory=list)
+    allocatable: dict[str, list[str]] = field(default_factory=dict)
+    hang: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+    calls: int = 0
+
+    def List(self, request: Any, context: Any) -> Any:
+        self.calls += 1
+        if self.hang.is_set():
+            self.release.wait(10)
+        pods: dict[tuple[str, str], Any] = {}
+        for a in self.allocations:
+            pod = pods.get((a.namespace, a.pod))
+            if pod is None:
+                pod = pods[(a.namespace, a.pod)] = pb.PodResources(
+                    name=a.pod, namespace=a.namespace)
+            container = next((c for c in pod.containers if c.name == a.container), None)
+            if container is None:
+                container = pod.containers.add(name=a.container)
+            container.devices.add(resource_name=a.resource, device_ids=a.device_ids)
+        return pb.ListPodResourcesResponse(pod_resources=list(pods.values()))
+
+    def GetAllocatableResources(self, request: Any, context: Any) -> Any:
+        self.calls += 1
+        if self.hang.is_set():
+            self.release.wait(10)
+        return pb.AllocatableResourcesResponse(devices=[
+            pb.ContainerDevices(resource_name=name, device_ids=ids)
+            for name, ids in self.allocatable.items()])
+
+
+class PodResourcesServer:
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self.lister = Lister()
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        pb_grpc.add_PodResourcesListerServicer_to_server(self.lister, self._server)
+        self._server.add_insecure_port(f"unix://{socket_path}")
+
+    def start(self) -> PodResourcesServer:
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        self.lister.release.set()
+        self._server.stop(grace=None)

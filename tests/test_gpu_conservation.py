@@ -1,0 +1,116 @@
+"""GPU energy is conserved and no counter goes backwards, whatever NVML and the kubelet say."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import FakeClock, node_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kwatt.gpu_stage import GpuStage
+from kwatt.sampler import Sampler
+from kwatt.sources.nvml import GpuReader, MigInstance, ProcessSample
+from kwatt.sources.nvml_fake import FakeGpu, FakeNvml
+from kwatt.workloads.podresources import PodResourcesClient
+from podresources_server import Allocation, PodResourcesServer
+from simnode import SimulatedNode, container_id, pod_uid
+from test_conservation import _counters, _totals
+from test_gpu_stage import NamesNamer, run_process
+
+REL = 1e-9
+HOLDERS = [("ml", f"p{i}", "c") for i in range(4)] + [("ml", "ghost", "c")]
+DEVICES = ["GPU-0", "GPU-1::0", "GPU-1::1", "nvidia3", "MIG-a", "MIG-b", "GPU-9"]
+
+gpu_step = st.fixed_dictionaries({
+    "mj": st.integers(0, 5_000_000), "mw": st.integers(0, 700_000),
+    "util": st.integers(0, 100), "lost": st.booleans(), "reset": st.booleans(),
+    "sm": st.lists(st.integers(0, 100), min_size=4, max_size=4),
+})
+step = st.fixed_dictionaries({
+    "gpus": st.lists(gpu_step, min_size=4, max_size=4),
+    "allocations": st.lists(st.tuples(st.integers(0, len(HOLDERS) - 1),
+                                      st.sampled_from(DEVICES)), max_size=8),
+    "kubelet_down": st.booleans(),
+    "mig_pids": st.lists(st.booleans(), min_size=2, max_size=2),
+    "dt": st.floats(0.5, 30),
+})
+
+
+@pytest.fixture(scope="module")
+def kubelet() -> Iterator[PodResourcesServer]:
+    with tempfile.TemporaryDirectory() as tmp:
+        server = PodResourcesServer(str(Path(tmp) / "kubelet.sock")).start()
+        yield server
+        server.stop()
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(step, min_size=1, max_size=8))
+def test_gpu_energy_conserved_and_monotonic(kubelet: PodResourcesServer, steps) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        node = SimulatedNode(Path(tmp))
+        namer = NamesNamer()
+        for i in range(4):
+            pod = node.add_pod(pod_uid(f"p{i}"))
+            ctr = node.add_container(pod, container_id(f"c{i}"))
+            namer.add(ctr, "ml", f"p{i}", "c")
+            run_process(node, 100 + i, ctr.path)
+        fake = FakeNvml([
+            FakeGpu("GPU-0"), FakeGpu("GPU-1", has_energy_counter=False),
+            FakeGpu("GPU-2", mig_enabled=True, instances=[
+                MigInstance("MIG-a", 1, 3, "3g.20gb"), MigInstance("MIG-b", 2, 4, "4g.20gb")]),
+            FakeGpu("GPU-3")])
+        reader = GpuReader(fake)
+        reader.start()
+        client = PodResourcesClient(kubelet.socket_path, ("nvidia.com/*",))
+        stage = GpuStage(reader, client, str(node.procfs))
+        clock = FakeClock()
+        sampler = Sampler(node_config(node, "--retention", "24h"), namer, clock=clock,
+                          stages=[stage])
+        sampler.sample()
+        previous = _counters(sampler.snapshot())
+        previous_gpu: dict[str, float] = {}
+        stamp = 0
+        for s in steps:
+            kubelet.lister.allocations = [
+                Allocation(HOLDERS[h][0], HOLDERS[h][1], HOLDERS[h][2],
+                           "nvidia.com/mig-3g.20gb" if d.startswith("MIG") else "nvidia.com/gpu",
+                           [d]) for h, d in s["allocations"]]
+            if s["kubelet_down"]:
+                kubelet.lister.hang.set()
+                client._timeout = 0.05
+            stamp += 1000
+            for gpu, g in zip(fake.gpus, s["gpus"], strict=True):
+                gpu.energy_mj = g["mj"] if g["reset"] else gpu.energy_mj + g["mj"]
+                gpu.power_mw, gpu.utilisation_percent, gpu.lost = g["mw"], g["util"], g["lost"]
+                gpu.samples = [ProcessSample(100 + i, sm, stamp)
+                               for i, sm in enumerate(g["sm"]) if sm]
+                gpu.compute_pids = [100 + i for i, sm in enumerate(g["sm"]) if sm]
+            fake.gpus[2].instances = [
+                MigInstance("MIG-a", 1, 3, "3g.20gb", (100,) if s["mig_pids"][0] else ()),
+                MigInstance("MIG-b", 2, 4, "4g.20gb", (101,) if s["mig_pids"][1] else ())]
+            node.add_node_cpu(idle_seconds=10)
+            clock.advance(s["dt"])
+            sampler.sample()
+            kubelet.lister.hang.clear()
+            kubelet.lister.release.set()
+            kubelet.lister.release.clear()
+            client._timeout = 2.0
+            snap = sampler.snapshot()
+            parts = _totals(snap).get("gpu", {})
+            node_j = parts.get("node", 0.0)
+            got = parts.get("containers", 0.0) + parts.get("unattributed", 0.0)
+            assert abs(got - node_j) <= REL * max(node_j, 1.0), parts
+            per_gpu = {g.uuid: g.energy_joules for g in stage.snapshot().gpus}
+            assert sum(per_gpu.values()) == pytest.approx(node_j, rel=REL, abs=1e-6)
+            current = _counters(snap)
+            for key, value in previous.items():
+                if key in current:
+                    assert current[key] >= value, key
+            for uuid, value in previous_gpu.items():
+                assert per_gpu[uuid] >= value, uuid
+            previous, previous_gpu = current, per_gpu
