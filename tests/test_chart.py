@@ -440,7 +440,7 @@ def test_notes_say_how_to_see_the_metrics(case: str, tmp_path: Path) -> None:
 def test_cluster_role_is_least_privilege_and_commented() -> None:
     role = only(render("default"), "ClusterRole")
     assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
         {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["get"]},
         {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get"]},
     ]

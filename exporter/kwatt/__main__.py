@@ -20,9 +20,10 @@ from kwatt.gpu_stage import GpuUnavailable, build_gpu_stage
 from kwatt.logs import configure_logging
 from kwatt.metrics import KwattCollector, StaticInfo
 from kwatt.once import run_once
-from kwatt.sampler import Sampler
+from kwatt.sampler import EnergyStage, Sampler
 from kwatt.web import build_app, start_server
 from kwatt.webconfig import WebConfig, build_ssl_context, load_web_config, secure_app
+from kwatt.workloads.kubernetes import build_kubernetes, kubernetes_enabled
 from kwatt.workloads.naming import HostNamer, WorkloadNamer
 
 log = logging.getLogger("kwatt")
@@ -63,7 +64,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GpuUnavailable as exc:
         print(f"kwatt-exporter: {exc}", file=sys.stderr)
         return 2
-    sampler = Sampler(config, namer, stages=[gpu[0]] if gpu else [])
+    stages: list[EnergyStage] = [gpu[0]] if gpu else []
+    kube = None
+    if kubernetes_enabled(config):
+        try:
+            kube = build_kubernetes(config)
+        except ConfigError as exc:
+            print(f"kwatt-exporter: {exc}", file=sys.stderr)
+            return 2
+        namer = kube.namer
+        stages.append(kube.stage)
+        kube.watcher.start()
+    # In Kubernetes mode host services and Docker containers stay in the node's system share.
+    sampler = Sampler(config, namer, include_host_units=kube is None, stages=stages)
     if config.once:
         return run_once(sampler, namer, config.interval_seconds, config.node_name,
                         sys.stdout, time.sleep)
@@ -77,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         energy_price_currency=config.energy_price_currency, pue=config.pue)))
     if gpu is not None:
         registry.register(gpu[1])
+    if kube is not None:
+        registry.register(kube.collector)
     ProcessCollector(registry=registry)
     GCCollector(registry=registry)
 

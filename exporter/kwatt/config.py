@@ -350,7 +350,8 @@ def _set(values: dict[str, Any], dest: str, value: Any) -> None:
 
 
 def load_config(argv: Sequence[str], env: Mapping[str, str] | None = None,
-                hostname: Callable[[], str] = socket.gethostname) -> Config:
+                hostname: Callable[[], str] = socket.gethostname,
+                path_exists: Callable[[str], bool] = os.path.exists) -> Config:
     """Build the Config from argv, env and the YAML file; raise ConfigError on any problem."""
     environ = os.environ if env is None else env
     args = build_arg_parser().parse_args(list(argv))
@@ -397,10 +398,15 @@ def load_config(argv: Sequence[str], env: Mapping[str, str] | None = None,
             "model.cpu_watts_max_per_vcpu: must be >= model.cpu_watts_idle_per_vcpu "
             f"({model.cpu_watts_max_per_vcpu:g} < {model.cpu_watts_idle_per_vcpu:g})")
     if "node_name" not in top:
-        if top.get("kubernetes", "auto") == "on":
+        mode = top.get("kubernetes", "auto")
+        token = os.path.join(top.get("service_account_dir", DEFAULT_SERVICE_ACCOUNT_DIR),
+                             "token")
+        # In a pod the hostname is the pod's name, not the node's: never guess it.
+        if mode == "on" or (mode == "auto" and path_exists(token)):
             raise ConfigError(
-                "--node-name: required when --kubernetes=on (set it or env NODE_NAME from "
-                "the downward API spec.nodeName)")
+                f"--node-name: required when --kubernetes={mode}"
+                + ("" if mode == "on" else f" and {token} exists")
+                + " (set it or env NODE_NAME from the downward API spec.nodeName)")
         top["node_name"] = hostname()
     clock_ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     return Config(attribution=attribution, model=model, once=bool(args.once),

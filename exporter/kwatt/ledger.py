@@ -150,6 +150,11 @@ class EnergyLedger:
                 for component, joules in gone.unnamed.items():
                     self._add(self.namespace_energy, ("", component), joules)
 
+    def unnamed_finished(self) -> list[Hashable]:
+        """Keys of finished workloads still waiting for a name (their pod was not known
+        while their cgroup existed); the sampler asks the namer again for these."""
+        return [k for k, a in self._accounts.items() if not a.present and a.labels is None]
+
     def name_workload(self, key: Hashable, name: WorkloadLabels) -> None:
         """Name a workload that is gone but was known only by id until now."""
         account = self._accounts.get(key)

@@ -222,6 +222,13 @@ class Sampler:
             self.ledger.node_power = dict(report_watts)
 
         self.ledger.observe_workloads(present, now)
+        # A cgroup that ended before its pod was known (watch lag, API outage) is named
+        # as soon as the pod appears, so its energy lands in the right namespace.
+        for key in self.ledger.unnamed_finished():
+            if isinstance(key, CgroupIdentity):
+                late = self._namer.name(key)
+                if late is not None:
+                    self.ledger.name_workload(key, late)
         self._previous_time = now
         if cpu_times is not None:
             self._previous_cpu = cpu_times

@@ -130,7 +130,12 @@ def classify_cgroup(components: list[str], in_kubepods: bool, qos: str,
 
 
 def identify_cgroup_path(path: str) -> CgroupIdentity | None:
-    """Identity of a whole cgroup path, e.g. from /proc/<pid>/cgroup."""
+    """Identity of a whole cgroup path, e.g. from /proc/<pid>/cgroup.
+
+    The deepest workload cgroup on the path wins, as in ``scan_cgroups``: a process in a
+    container's own sub-cgroup belongs to the container, one in a pod's unrecognised child
+    (crio-conmon-<id>.scope) to the pod.
+    """
     components = [c for c in path.split("/") if c]
     in_kubepods = False
     qos = ""
@@ -141,10 +146,15 @@ def identify_cgroup_path(path: str) -> CgroupIdentity | None:
         if _is_kubepods(component):
             in_kubepods = True
         qos = _qos_from_component(component) or qos
-        identity = classify_cgroup(components[: depth + 1], in_kubepods, qos, pod_uid)
-        if identity is not None and identity.kind == "pod":
-            pod_uid = identity.pod_uid
-            qos = identity.qos
+        found = classify_cgroup(components[: depth + 1], in_kubepods, qos, pod_uid)
+        if found is None:
+            continue
+        identity = found
+        if found.kind == "pod":
+            pod_uid = found.pod_uid
+            qos = found.qos
+        elif found.kind in ("container", "docker", "podman"):
+            break  # a container's inner cgroups are its own business
     return identity
 
 

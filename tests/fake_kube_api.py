@@ -1,0 +1,330 @@
+"""A local HTTP server that speaks enough of the Kubernetes API for kwatt's pod watcher.
+
+Serves ``/api/v1/pods`` list and watch (chunked, one JSON event per line, bookmarks, 410 Gone
+as an ERROR event or as an HTTP status), single ReplicaSets and Jobs for owner lookups, and
+can be told to answer 500, 403 or to hang. The real ``kubernetes`` client talks to it through
+a kubeconfig written by ``write_kubeconfig``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import threading
+import time
+import uuid as uuidlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+
+@dataclass
+class Request:
+    path: str
+    query: dict[str, str]
+
+
+def make_pod(name: str, *, namespace: str = "default", uid: str | None = None,
+             node: str = "node-a", containers: dict[str, str] | None = None,
+             init_containers: dict[str, str] | None = None,
+             ephemeral_containers: dict[str, str] | None = None,
+             owner: tuple[str, str] | None = None, labels: dict[str, str] | None = None,
+             qos: str = "Burstable", requests: dict[str, str] | None = None,
+             sidecars: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A Pod object; ``containers`` maps container name to runtime-prefixed containerID."""
+    containers = containers or {}
+    init_containers = init_containers or {}
+    requests = requests or {}
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace,
+                                "uid": uid or str(uuidlib.uuid4()), "labels": labels or {}}
+    if owner is not None:
+        metadata["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": owner[0],
+                                        "name": owner[1], "uid": str(uuidlib.uuid4()),
+                                        "controller": True}]
+
+    def spec_container(cname: str) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": cname, "image": "busybox"}
+        if cname in requests:
+            body["resources"] = {"requests": {"cpu": requests[cname]}}
+        if cname in sidecars:
+            body["restartPolicy"] = "Always"
+        return body
+
+    def status(cname: str, cid: str) -> dict[str, Any]:
+        return {"name": cname, "containerID": cid, "ready": True, "restartCount": 0,
+                "image": "busybox", "imageID": "", "state": {"running": {}}}
+
+    pod: dict[str, Any] = {
+        "apiVersion": "v1", "kind": "Pod", "metadata": metadata,
+        "spec": {"nodeName": node,
+                 "containers": [spec_container(c) for c in containers],
+                 "initContainers": [spec_container(c) for c in init_containers]},
+        "status": {"phase": "Running", "qosClass": qos,
+                   "containerStatuses": [status(c, i) for c, i in containers.items()],
+                   "initContainerStatuses": [status(c, i) for c, i in init_containers.items()]},
+    }
+    if ephemeral_containers:
+        pod["spec"]["ephemeralContainers"] = [{"name": c} for c in ephemeral_containers]
+        pod["status"]["ephemeralContainerStatuses"] = [
+            status(c, i) for c, i in ephemeral_containers.items()]
+    return pod
+
+
+class FakeKubeApi:
+    """State plus failure switches; the handler reads them under ``cond``."""
+
+    def __init__(self, max_history: int = 100_000) -> None:
+        self.max_history = max_history  # events kept for watches to resume from
+        self.cond = threading.Condition()
+        self.rv = 100
+        self.pods: dict[str, dict[str, Any]] = {}  # uid -> pod
+        self.events: list[tuple[int, str, dict[str, Any]]] = []  # (rv, type, object)
+        self.compacted_below = 0  # watches from an rv under this get 410
+        self.gone_as_http = False  # 410 as an HTTP status instead of an ERROR event
+        self.fail_status: int | None = None  # answer every pod request with this status
+        self.hang = False  # accept pod requests and never answer
+        self.hang_watch = False  # answer watches with headers, then send nothing
+        self.forbid_owners = False
+        self.owner_fail_status: int | None = None
+        self.replicasets: dict[tuple[str, str], dict[str, Any]] = {}
+        self.jobs: dict[tuple[str, str], dict[str, Any]] = {}
+        self.requests: list[Request] = []
+        self._bookmark_pending = 0
+        self._close_watches = 0
+        self.server: ThreadingHTTPServer | None = None
+
+    # -- state changes (tests) ---------------------------------------------------------
+
+    def _stamp(self, pod: dict[str, Any]) -> dict[str, Any]:
+        self.rv += 1
+        pod = copy.deepcopy(pod)
+        pod["metadata"]["resourceVersion"] = str(self.rv)
+        return pod
+
+    def add(self, pod: dict[str, Any]) -> None:
+        self._change("ADDED", pod)
+
+    def modify(self, pod: dict[str, Any]) -> None:
+        self._change("MODIFIED", pod)
+
+    def delete(self, pod: dict[str, Any]) -> None:
+        self._change("DELETED", pod)
+
+    def _change(self, kind: str, pod: dict[str, Any]) -> None:
+        with self.cond:
+            stamped = self._stamp(pod)
+            uid = stamped["metadata"]["uid"]
+            if kind == "DELETED":
+                self.pods.pop(uid, None)
+            else:
+                self.pods[uid] = stamped
+            self.events.append((self.rv, kind, stamped))
+            if len(self.events) > self.max_history:
+                dropped = self.events[: len(self.events) - self.max_history]
+                del self.events[: len(dropped)]
+                self.compacted_below = max(self.compacted_below, dropped[-1][0])
+            self.cond.notify_all()
+
+    def compact(self) -> None:
+        """Forget history: every watch from an older resourceVersion gets 410 Gone."""
+        with self.cond:
+            self.rv += 1
+            self.compacted_below = self.rv
+            self.events.clear()
+            self._close_watches += 1
+            self.cond.notify_all()
+
+    def bookmark(self) -> None:
+        with self.cond:
+            self.rv += 1
+            self._bookmark_pending += 1
+            self.cond.notify_all()
+
+    def close_watches(self) -> None:
+        with self.cond:
+            self._close_watches += 1
+            self.cond.notify_all()
+
+    def set_failure(self, status: int | None = None, hang: bool = False) -> None:
+        with self.cond:
+            self.fail_status = status
+            self.hang = hang
+            self._close_watches += 1
+            self.cond.notify_all()
+
+    def pod_requests(self) -> list[Request]:
+        with self.cond:
+            return [r for r in self.requests if r.path.endswith("/pods")]
+
+    # -- serving ----------------------------------------------------------------------
+
+    @contextmanager
+    def serve(self) -> Iterator[str]:
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                api._handle(self)
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        self.server = server
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}"
+        finally:
+            with self.cond:
+                self.hang = False
+                self.hang_watch = False
+                self._close_watches += 1
+                self.cond.notify_all()
+            server.shutdown()
+            server.server_close()
+
+    def _json(self, handler: BaseHTTPRequestHandler, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    @staticmethod
+    def _status(code: int, reason: str, message: str) -> dict[str, Any]:
+        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": message, "reason": reason, "code": code}
+
+    def _handle(self, handler: BaseHTTPRequestHandler) -> None:
+        parts = urlsplit(handler.path)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        with self.cond:
+            self.requests.append(Request(parts.path, query))
+        segments = [s for s in parts.path.split("/") if s]
+        if parts.path == "/api/v1/pods" or (len(segments) == 5 and segments[4] == "pods"):
+            self._pods(handler, query)
+        elif len(segments) == 7 and segments[:2] == ["apis", "apps"] \
+                and segments[5] == "replicasets":
+            self._owner(handler, self.replicasets.get((segments[4], segments[6])))
+        elif len(segments) == 7 and segments[:2] == ["apis", "batch"] and segments[5] == "jobs":
+            self._owner(handler, self.jobs.get((segments[4], segments[6])))
+        else:
+            self._json(handler, 404, self._status(404, "NotFound", handler.path))
+
+    def _owner(self, handler: BaseHTTPRequestHandler, obj: dict[str, Any] | None) -> None:
+        if self.owner_fail_status is not None:
+            self._json(handler, self.owner_fail_status,
+                       self._status(self.owner_fail_status, "InternalError", "injected"))
+        elif self.forbid_owners:
+            self._json(handler, 403, self._status(403, "Forbidden", "forbidden"))
+        elif obj is None:
+            self._json(handler, 404, self._status(404, "NotFound", "not found"))
+        else:
+            self._json(handler, 200, obj)
+
+    def _selected(self, pod: dict[str, Any], query: dict[str, str]) -> bool:
+        selector = query.get("fieldSelector", "")
+        if selector.startswith("spec.nodeName="):
+            return bool(pod["spec"].get("nodeName") == selector[len("spec.nodeName="):])
+        return True
+
+    def _pods(self, handler: BaseHTTPRequestHandler, query: dict[str, str]) -> None:
+        with self.cond:
+            hang, fail = self.hang, self.fail_status
+            generation = self._close_watches
+        if hang:
+            with self.cond:
+                self.cond.wait_for(lambda: not self.hang or self._close_watches != generation,
+                                   timeout=30)
+            return
+        if fail is not None:
+            self._json(handler, fail, self._status(fail, "InternalError", "injected failure"))
+            return
+        if query.get("watch") in ("true", "1"):
+            self._watch(handler, query)
+            return
+        with self.cond:
+            items = [p for p in self.pods.values() if self._selected(p, query)]
+            body = {"kind": "PodList", "apiVersion": "v1",
+                    "metadata": {"resourceVersion": str(self.rv)}, "items": items}
+        self._json(handler, 200, body)
+
+    def _watch_ready(self, generation: int, bookmarks_seen: int, sent_rv: int) -> bool:
+        return (self._close_watches != generation
+                or self._bookmark_pending != bookmarks_seen
+                or (not self.hang_watch and any(rv > sent_rv for rv, _, _ in self.events)))
+
+    def _watch(self, handler: BaseHTTPRequestHandler, query: dict[str, str]) -> None:
+        start_rv = int(query.get("resourceVersion") or "0")
+        timeout = float(query.get("timeoutSeconds") or "30")
+        with self.cond:
+            gone = start_rv < self.compacted_below
+        if gone and self.gone_as_http:
+            self._json(handler, 410, self._status(410, "Expired", "too old resource version"))
+            return
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+
+        def send(event: dict[str, Any]) -> None:
+            data = (json.dumps(event) + "\n").encode()
+            handler.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            handler.wfile.flush()
+
+        try:
+            if gone:
+                send({"type": "ERROR", "object": self._status(
+                    410, "Expired", "too old resource version")})
+                handler.wfile.write(b"0\r\n\r\n")
+                return
+            deadline = time.monotonic() + timeout
+            sent_rv = start_rv
+            with self.cond:
+                generation = self._close_watches
+                bookmarks_seen = self._bookmark_pending
+            while True:
+                with self.cond:
+                    self.cond.wait_for(
+                        functools.partial(self._watch_ready, generation, bookmarks_seen,
+                                          sent_rv),
+                        timeout=max(deadline - time.monotonic(), 0))
+                    if self._close_watches != generation or time.monotonic() >= deadline:
+                        break
+                    pending = [] if self.hang_watch else [
+                        (rv, kind, obj) for rv, kind, obj in self.events
+                        if rv > sent_rv and self._selected(obj, query)]
+                    if not self.hang_watch:
+                        sent_rv = max([sent_rv, *(rv for rv, _, _ in self.events)])
+                    bookmark = self._bookmark_pending != bookmarks_seen
+                    bookmarks_seen = self._bookmark_pending
+                    current_rv = self.rv
+                for _, kind, obj in pending:
+                    send({"type": kind, "object": obj})
+                if bookmark and query.get("allowWatchBookmarks") == "true":
+                    send({"type": "BOOKMARK", "object": {
+                        "kind": "Pod", "apiVersion": "v1",
+                        "metadata": {"resourceVersion": str(current_rv)}}})
+            handler.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+def write_kubeconfig(path: Path, server: str) -> Path:
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": server}}],
+        "users": [{"name": "kwatt", "user": {"token": "test-token"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "kwatt"}}],
+    }))
+    return path
