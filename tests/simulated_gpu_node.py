@@ -1,8 +1,9 @@
 """A simulated GPU node served by the exporter's own parts, in this process.
 
 The CLI cannot take a fake NVML (kwatt.sources.nvml_fake is never chosen by a flag), so
-this wires the same pieces ``kwatt.__main__.main`` wires - Sampler, GPU stage, collectors,
-WSGI app - around ``FakeNvml`` and a real kubelet PodResources gRPC server on a unix socket.
+this wires the same pieces ``kwatt.__main__.main`` wires - Sampler, GPU stage, Kubernetes
+namer and pod watcher, collectors, WSGI app - around ``FakeNvml``, a real kubelet
+PodResources gRPC server on a unix socket and the fake Kubernetes API.
 Everything after NVML is kwatt's real code: attribution, ledger, metrics, HTTP.
 
 Scenario (what the GPU dashboard and the GPU alert need):
@@ -18,8 +19,8 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
+from fake_kube_api import FakeKubeApi, make_pod
 from kwatt.config import load_config
 from kwatt.gpu_stage import build_gpu_stage
 from kwatt.metrics import KwattCollector, StaticInfo
@@ -27,7 +28,7 @@ from kwatt.sampler import Sampler
 from kwatt.sources.nvml import MigInstance
 from kwatt.sources.nvml_fake import FakeGpu, FakeNvml
 from kwatt.web import build_app, start_server
-from kwatt.workloads.naming import HostNamer
+from kwatt.workloads.kubernetes import build_kubernetes
 from podresources_server import Allocation, PodResourcesServer
 from prometheus_client import CollectorRegistry
 from prometheus_client.process_collector import ProcessCollector
@@ -44,7 +45,8 @@ HOLDERS = {  # key: (namespace, pod, container, pid on the GPU)
 
 
 class SimulatedGpuNode:
-    def __init__(self, root: Path, config_file: Path, node_name: str = "gpu-node") -> None:
+    def __init__(self, root: Path, config_file: Path, api: FakeKubeApi, kubeconfig: Path,
+                 node_name: str = "gpu-node") -> None:
         self.node = SimulatedNode(root / "node", cgroup_version=2, driver="systemd", vcpus=8)
         self.node.add_rapl_zone("0", "package-0")
         self.node.add_rapl_zone("0:0", "dram")
@@ -53,6 +55,8 @@ class SimulatedGpuNode:
             sim_pod = self.node.add_pod(pod_uid(pod), "burstable", "containerd")
             path = self.node.add_container(sim_pod, container_id(key)).path
             self.paths[key] = path
+            api.add(make_pod(pod, namespace=_namespace, uid=pod_uid(pod), node=node_name,
+                             containers={_name: f"containerd://{container_id(key)}"}))
             proc = self.node.procfs / str(pid)
             proc.mkdir(parents=True, exist_ok=True)
             (proc / "cgroup").write_text(f"0::{path}\n")
@@ -74,13 +78,17 @@ class SimulatedGpuNode:
         ]
         self.config = load_config([
             "--config", str(config_file), "--path.sysfs", str(self.node.sysfs),
-            "--path.procfs", str(self.node.procfs), "--kubernetes", "auto", "--gpu", "on",
+            "--path.procfs", str(self.node.procfs), "--kubernetes", "on",
+            "--kubeconfig", str(kubeconfig), "--gpu", "on",
             "--interval", "1s", "--web.listen-address", "127.0.0.1:0",
             "--node-name", node_name,
             "--kubelet.pod-resources-socket", self.kubelet.socket_path], env={})
         stage = build_gpu_stage(self.config, lambda: FakeNvml(self.gpus))
         assert stage is not None
-        self.sampler = Sampler(self.config, HostNamer(), stages=[stage[0]])
+        self.kube = build_kubernetes(self.config)
+        self.kube.watcher.start()
+        self.sampler = Sampler(self.config, self.kube.namer, include_host_units=False,
+                               stages=[stage[0], self.kube.stage])
         registry = CollectorRegistry(auto_describe=False)
         registry.register(KwattCollector(self.sampler.snapshot, StaticInfo(
             node=node_name, interval_seconds=self.config.interval_seconds,
@@ -88,6 +96,7 @@ class SimulatedGpuNode:
             energy_price_per_kwh=self.config.energy_price_per_kwh,
             energy_price_currency=self.config.energy_price_currency, pue=self.config.pue)))
         registry.register(stage[1])
+        registry.register(self.kube.collector)
         ProcessCollector(registry=registry)
         self.server, _ = start_server(build_app(registry, lambda: (True, "ok")),
                                       "127.0.0.1", 0)
@@ -118,7 +127,5 @@ class SimulatedGpuNode:
             thread.join(timeout=5)
         self.server.shutdown()
         self.kubelet.stop()
-
-
-def describe(gpu_node: SimulatedGpuNode) -> dict[str, Any]:
-    return {"port": gpu_node.port, "gpus": [g.uuid for g in gpu_node.gpus]}
+        self.kube.watcher.stop()
+        self.kube.watcher.join(5)
