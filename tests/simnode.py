@@ -23,8 +23,12 @@ _V2_NOISE = ("cgroup.procs", "cgroup.threads", "cgroup.type", "cgroup.events", "
 
 
 def _write(path: str, text: str) -> None:
-    with open(path, "w") as handle:
+    # Write then rename, as the kernel's files never show a half-written value: a reader
+    # racing with the test must see the old content or the new, never a torn one.
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as handle:
         handle.write(text)
+    os.replace(temporary, path)
 
 
 def container_id(seed: str) -> str:

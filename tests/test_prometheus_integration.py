@@ -13,7 +13,6 @@ listed in tests/panels_pending_gpu_k8s.yaml, with the reason.
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -28,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import simnode
 import yaml
 from conftest import require_tool
 from dashboard_model import RULES_FILE, load_dashboards, panels
@@ -105,15 +103,6 @@ class NodeFeeder(threading.Thread):
             self.node.add_node_cpu(busy_seconds=0.1 * dt, idle_seconds=2.2 * dt)
 
 
-def write_atomically(path: str, text: str) -> None:
-    """Kernel counter files are never seen half-written; a plain rewrite can be, by an
-    exporter reading while the feeder thread writes, and would show as a parse fault."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
-
-
 CPU_NODE = "e2e"  # ExporterProcess's --node-name
 
 
@@ -163,8 +152,6 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     prometheus_bin = require_tool("prometheus")
     root = tmp_path_factory.mktemp("prometheus-integration")
-    patch = pytest.MonkeyPatch()
-    patch.setattr(simnode, "_write", write_atomically)
     api = FakeKubeApi()
     api_server = api.serve()
     kubeconfig = write_kubeconfig(root / "kubeconfig", api_server.__enter__())
@@ -211,7 +198,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         exporter.stop()
         api.close_watches()
         api_server.__exit__(None, None, None)
-        patch.undo()
 
 
 def wait_until_populated(prometheus: Prometheus, proc: subprocess.Popen[bytes],
