@@ -10,7 +10,8 @@ import yaml
 from conftest import require_tool
 from dashboard_model import REPO
 
-DOCS_WITH_PROMQL = [REPO / "docs" / "promql-examples.md", REPO / "docs" / "carbon-and-cost.md"]
+DOCS_WITH_PROMQL = [REPO / "docs" / "promql-examples.md", REPO / "docs" / "carbon-and-cost.md",
+                    REPO / "README.md"]
 _BLOCK = re.compile(r"```promql\n(.*?)```", re.S)
 
 
@@ -23,6 +24,11 @@ def test_the_three_readme_questions_are_answered() -> None:
     for heading in ("Energy of a namespace yesterday", "Top workloads by kWh this week",
                     "Carbon of a CronJob"):
         assert f"### {heading}" in text
+    readme = (REPO / "README.md").read_text()
+    for question in ("Energy of the namespace `ml` yesterday", "Top workloads by kWh this week",
+                     "Carbon (g CO2e) of the CronJob"):
+        assert question in readme
+    assert len(promql_blocks(REPO / "README.md")) >= 3
 
 
 def test_every_documented_query_parses(tmp_path: Path) -> None:
