@@ -325,17 +325,23 @@ def _flatten(prefix: str, node: Mapping[str, Any], out: dict[str, Any]) -> None:
             out[path] = value
 
 
-def load_yaml(path: str) -> dict[str, Any]:
+def read_yaml_file(path: str, flag: str) -> Any:
+    """Parse one YAML file; an unreadable or invalid file is a ConfigError naming the
+    flag that gave it, or the line where the YAML breaks."""
     try:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
+            return yaml.safe_load(handle)
     except OSError as exc:
-        raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(f"{flag}: cannot read {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{path}:{where}: {problem}") from None
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    data = read_yaml_file(path, "--config")
     if data is None:
         return {}
     if not isinstance(data, Mapping):

@@ -38,9 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import bcrypt
-import yaml
 
-from kwatt.config import ConfigError
+from kwatt.config import ConfigError, read_yaml_file
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -215,16 +214,7 @@ def _parse_headers(path: str, node: Mapping[Any, Any]) -> tuple[tuple[str, str],
 
 def load_web_config(path: str) -> WebConfig:
     """Read and validate a web config file; every problem is a ConfigError naming the key."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
-    except OSError as exc:
-        raise ConfigError(f"--web.config.file: cannot read {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}:" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}:{where} {problem}") from None
+    data = read_yaml_file(path, "--web.config.file")
     root = _mapping(path, "", data)
     _check_keys(path, "", root)
     tls_node = root.get("tls_server_config")
