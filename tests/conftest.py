@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -19,17 +18,14 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def require_tool(name: str) -> str:
-    """Path of an external tool; a missing tool fails under CI and skips elsewhere."""
+    """Path of an external tool. A missing tool fails the test, never skips it:
+    scripts/install-test-tools installs every one of them."""
     found = shutil.which(name) or (
         str(REPO / ".tools" / "bin" / name) if (REPO / ".tools" / "bin" / name).exists()
         else None)
-    if found:
-        return found
-    message = f"{name} not found (scripts/install-test-tools installs it)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
-    raise AssertionError  # unreachable
+    if not found:
+        pytest.fail(f"{name} not found: run scripts/install-test-tools")
+    return found
 
 
 def node_config(node: SimulatedNode, *extra: str, env: dict[str, str] | None = None) -> Config:

@@ -50,7 +50,7 @@ class GpuCollector(Collector):
         snap = self._snapshot()
         node = self._node
         energy = CounterMetricFamily(
-            "kwatt_gpu_energy_joules",
+            "kwatt_gpu_energy_joules_total",
             "Energy used by one physical GPU since kwatt started (NVML energy counter, or "
             "integrated power where the GPU has none).", labels=("node", "gpu", "uuid"))
         power = GaugeMetricFamily(

@@ -47,7 +47,7 @@ class KwattCollector(Collector):
         node = self._info.node
 
         family = CounterMetricFamily(
-            "kwatt_node_energy_joules",
+            "kwatt_node_energy_joules_total",
             "Energy used by the node, by non-overlapping component (cpu, dram, gpu) and by "
             "where the number comes from (rapl, nvml: measured; estimated: power model).",
             labels=("node", "component", "source"))
@@ -64,7 +64,7 @@ class KwattCollector(Collector):
         yield gauge
 
         family = CounterMetricFamily(
-            "kwatt_rapl_zone_energy_joules",
+            "kwatt_rapl_zone_energy_joules_total",
             "Raw RAPL zone energy, wrap-corrected. Zones overlap (core is inside package): "
             "for detail only, never sum them.",
             labels=("node", "zone", "index"))
@@ -73,7 +73,7 @@ class KwattCollector(Collector):
         yield family
 
         family = CounterMetricFamily(
-            "kwatt_container_energy_joules",
+            "kwatt_container_energy_joules_total",
             "Energy attributed to one container (or systemd unit in host mode) by component.",
             labels=("node", *CONTAINER_LABELS, "component"))
         for row in snap.containers:
@@ -85,7 +85,7 @@ class KwattCollector(Collector):
         yield family
 
         family = CounterMetricFamily(
-            "kwatt_namespace_energy_joules",
+            "kwatt_namespace_energy_joules_total",
             "Energy attributed to containers of one namespace; keeps the energy of finished "
             "pods for the exporter's lifetime.",
             labels=("node", "namespace", "component"))
@@ -94,7 +94,7 @@ class KwattCollector(Collector):
         yield family
 
         family = CounterMetricFamily(
-            "kwatt_unattributed_energy_joules",
+            "kwatt_unattributed_energy_joules_total",
             "Node energy charged to no container: idle (static power), system (processes "
             "outside containers), unallocated (GPUs nobody holds).",
             labels=("node", "component", "reason"))
@@ -116,7 +116,7 @@ class KwattCollector(Collector):
         yield up
 
         errors = CounterMetricFamily(
-            "kwatt_source_errors",
+            "kwatt_source_errors_total",
             "Failed reads by source and reason (permission, absent, parse, timeout, api).",
             labels=("node", "source", "reason"))
         for source, reason, count in snap.source_errors:
