@@ -526,12 +526,15 @@ def test_alert_templates_pass_through_the_chart_unexpanded(tmp_path: Path) -> No
     chart = tmp_path / "kwatt"
     shutil.copytree(CHART, chart)
     rules = {"groups": [{"name": "t", "rules": [{
-        "alert": "KwattTest", "expr": "up == 0",
-        "annotations": {"summary": "{{ $labels.node }} is {{ $value }}"}}]}]}
-    (chart / "files" / "kwatt-rules.yaml").write_text(yaml.safe_dump(rules))
+        "alert": "KwattTest", "expr": 'up{job="__KWATT_job__"} == 0',
+        "annotations": {"summary": "{{ $labels.node }} is {{ $value }} for __KWATT_job__"}}]}]}
+    (chart / "files" / "kwatt-rules.chart.yaml").write_text(yaml.safe_dump(rules))
     rule = only(render("default", "--set", "prometheusRule.enabled=true", chart=chart),
                 "PrometheusRule")
-    assert rule["spec"]["groups"] == rules["groups"]
+    (group,) = rule["spec"]["groups"]
+    assert group["rules"][0]["annotations"] == {"summary": "{{ $labels.node }} is {{ $value }}"
+                                                " for kwatt"}
+    assert group["rules"][0]["expr"] == 'up{job="kwatt"} == 0'
 
 
 def test_dashboards_become_labelled_config_maps(tmp_path: Path) -> None:
@@ -626,11 +629,11 @@ def _checkov_env() -> dict[str, str]:
 
 def test_chart_files_are_copies_of_the_shipped_rules_and_dashboards() -> None:
     sources = {p.name: p.read_bytes() for p in
-               [*(REPO / "dashboards" / "rules").glob("*.yaml"),
+               [*(REPO / "dashboards" / "chart").glob("*.yaml"),
                 *(REPO / "dashboards" / "grafana").glob("*.json")]}
     copies = {p.name: p.read_bytes() for p in
               [*(CHART / "files").glob("*.yaml"), *(CHART / "files").glob("*.json")]}
-    assert "kwatt-rules.yaml" in sources
+    assert "kwatt-rules.chart.yaml" in sources
     assert copies == sources, "run scripts/sync-chart-files"
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "sync-chart-files"),
                              "--check"], capture_output=True, text=True, timeout=60)
@@ -638,18 +641,18 @@ def test_chart_files_are_copies_of_the_shipped_rules_and_dashboards() -> None:
 
 
 def test_sync_check_notices_a_stale_copy(tmp_path: Path) -> None:
-    for part in ("scripts/sync-chart-files", "dashboards/rules/kwatt-rules.yaml",
-                 "helm/kwatt/files/kwatt-rules.yaml"):
+    for part in ("scripts/sync-chart-files", "dashboards/chart/kwatt-rules.chart.yaml",
+                 "helm/kwatt/files/kwatt-rules.chart.yaml"):
         (tmp_path / part).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / part, tmp_path / part)
-    (tmp_path / "dashboards" / "rules" / "kwatt-rules.yaml").write_text("groups: []\n")
+    (tmp_path / "dashboards" / "chart" / "kwatt-rules.chart.yaml").write_text("groups: []\n")
     (tmp_path / "dashboards" / "grafana").mkdir()
     (tmp_path / "dashboards" / "grafana" / "new.json").write_text("{}")
     script = str(tmp_path / "scripts" / "sync-chart-files")
     check = subprocess.run([sys.executable, script, "--check"], capture_output=True,
                            text=True, timeout=60)
     assert check.returncode == 1
-    assert "differs from source: kwatt-rules.yaml" in check.stdout
+    assert "differs from source: kwatt-rules.chart.yaml" in check.stdout
     assert "missing in chart: new.json" in check.stdout
     subprocess.run([sys.executable, script], check=True, capture_output=True, timeout=60)
     assert (tmp_path / "helm/kwatt/files/new.json").read_text() == "{}"

@@ -27,11 +27,14 @@ def test_check_detects_a_hand_edited_file(tmp_path: Path) -> None:
                     ignore=shutil.ignore_patterns("__pycache__"))
     edited = tmp_path / "dashboards" / "grafana" / "kwatt-node.json"
     edited.write_text(edited.read_text().replace('"watt"', '"kwatt"', 1))
+    chart_rules = tmp_path / "dashboards" / "chart" / "kwatt-rules.chart.yaml"
+    chart_rules.write_text(chart_rules.read_text().replace("__KWATT_gpuIdleFor__", "2h"))
     stale = tmp_path / "dashboards" / "grafana" / "kwatt-old.json"
     stale.write_text("{}\n")
     result = run_generate("--check", cwd=tmp_path)
     assert result.returncode == 1
     assert "kwatt-node.json: out of date" in result.stderr
+    assert "kwatt-rules.chart.yaml: out of date" in result.stderr
     assert "kwatt-old.json: no dashboard generates it" in result.stderr
     assert GENERATE.exists()
 

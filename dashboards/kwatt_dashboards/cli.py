@@ -1,6 +1,7 @@
 """Command line: regenerate the committed dashboards and rules, or check they are current.
 
-    python dashboards/generate.py                 # write dashboards/grafana/*.json and rules
+    python dashboards/generate.py                 # write dashboards/grafana/*.json, rules/
+                                                  # and the chart's rules (chart/)
     python dashboards/generate.py --check         # exit 1 when a committed file differs
     python dashboards/generate.py rules --gpu-idle-utilization 0.1 --output my-rules.yaml
     python dashboards/generate.py dashboards --currency EUR --output-dir my-dashboards/
@@ -17,11 +18,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kwatt_dashboards.catalog import all_dashboards
-from kwatt_dashboards.rules import RuleParams, render_rules
+from kwatt_dashboards.rules import RuleParams, render_chart_rules, render_rules
 
 DASHBOARDS_DIR = Path(__file__).resolve().parent.parent
 GRAFANA_DIR = DASHBOARDS_DIR / "grafana"
 RULES_FILE = DASHBOARDS_DIR / "rules" / "kwatt-rules.yaml"
+# Not under rules/: a rule_files glob over that directory must not load placeholders.
+CHART_RULES_FILE = DASHBOARDS_DIR / "chart" / "kwatt-rules.chart.yaml"
 
 
 def render_dashboards(currency: str = "USD") -> dict[str, str]:
@@ -104,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     ok = _write_or_check(RULES_FILE, render_rules(RuleParams()), args.check)
+    ok = _write_or_check(CHART_RULES_FILE, render_chart_rules(), args.check) and ok
     expected = render_dashboards()
     for name, text in expected.items():
         ok = _write_or_check(GRAFANA_DIR / name, text, args.check) and ok

@@ -1,14 +1,19 @@
 """Prometheus recording and alert rules for kwatt, generated from one set of parameters.
 
-The emitted file (dashboards/rules/kwatt-rules.yaml) is the single source for plain
-Prometheus (``rule_files:``) and for the Helm chart's PrometheusRule, which wraps the same
-``groups`` list. Thresholds live in :class:`RuleParams`; change them with the CLI
-(``python dashboards/generate.py rules --help``) and regenerate, never by editing the YAML.
+Two files come out of the same code. dashboards/rules/kwatt-rules.yaml, rendered with the
+defaults of :class:`RuleParams`, is what plain Prometheus loads (``rule_files:``); other
+thresholds come from the CLI (``python dashboards/generate.py rules --help``).
+dashboards/chart/kwatt-rules.chart.yaml is the same rules with every chart-tunable
+parameter rendered as a placeholder token (:class:`Placeholder`); the Helm chart's
+PrometheusRule template replaces each token with its value from ``prometheusRule.*`` at
+install time. Numbers are formatted the way the chart's Go template formats them, so the
+chart with any values renders exactly what this module renders with the same parameters.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from decimal import ROUND_HALF_EVEN, Context, Decimal, localcontext
 from typing import Any
 
 import yaml
@@ -23,7 +28,12 @@ BY_NODE = "cluster, node"
 
 @dataclass(frozen=True)
 class RuleParams:
-    """Tunable thresholds; the defaults are what the shipped file is generated with."""
+    """Tunable thresholds; the defaults are what the shipped file is generated with.
+
+    Each field except those in NOT_IN_CHART is also a Helm value (see ``chart_key``): a new
+    field needs its key in helm/kwatt/values.yaml and values.schema.json, which
+    tests/test_chart_rules.py asks for.
+    """
 
     job: str = "kwatt"
     rate_window: str = "5m"
@@ -47,6 +57,85 @@ class RuleParams:
     sampling_for: str = "15m"
     # namespace -> kWh per rolling day; users add more with their own recording rules.
     namespace_budgets_kwh: dict[str, float] = field(default_factory=dict)
+
+
+# Fields the chart does not expose: rate_window is part of the recorded series' names that
+# the dashboards query, and budgets are a map the chart expands from a prototype rule.
+NOT_IN_CHART = frozenset({"rate_window", "namespace_budgets_kwh"})
+# Fields set at prometheusRule.<key>; every other chart field is prometheusRule.alerts.<key>.
+CHART_TOP_LEVEL = frozenset({"job", "daily_interval"})
+TOKEN_PREFIX = "__KWATT_"
+
+
+def chart_key(name: str) -> str:
+    """The Helm values key of a RuleParams field: camelCase of its name."""
+    head, *rest = name.split("_")
+    return head + "".join(part.capitalize() for part in rest)
+
+
+class Placeholder(str):
+    """A parameter value standing for ``prometheusRule.<key>`` in the chart's rules file.
+
+    Its text is the token ``__KWATT_<key>__``; numbers also have a percent form. Keys are
+    camelCase (no underscore), so no token is a prefix of another, and the plain rules file
+    is checked to contain no ``__KWATT_`` text that a token could be confused with.
+    """
+
+    key: str
+
+    def __new__(cls, key: str) -> Placeholder:
+        token = super().__new__(cls, f"{TOKEN_PREFIX}{key}__")
+        token.key = key
+        return token
+
+    def derived(self, form: str) -> str:
+        return f"{TOKEN_PREFIX}{form}_{self.key}__"
+
+
+def number(value: float) -> str:
+    """``value`` as Go's ``printf "%g"`` prints a float64: the shortest digits that read
+    back as the same float, exponent form below 1e-4 and from 1e6 up. (Python's ``:g``
+    would round to 6 digits, and the chart could not reproduce it.)"""
+    if isinstance(value, Placeholder):
+        return str(value)
+    sign, digits, exponent = Decimal(repr(float(value))).normalize().as_tuple()
+    assert isinstance(exponent, int)  # finite: thresholds are never inf or nan
+    text = "".join(map(str, digits))
+    point = len(text) + exponent  # digits before the decimal point
+    scientific = point - 1
+    if text == "0":
+        body = "0"
+    elif scientific < -4 or scientific >= 6:
+        mantissa = text[0] + ("." + text[1:] if len(text) > 1 else "")
+        body = f"{mantissa}e{'-' if scientific < 0 else '+'}{abs(scientific):02d}"
+    elif point <= 0:
+        body = "0." + "0" * -point + text
+    elif point >= len(text):
+        body = text + "0" * (point - len(text))
+    else:
+        body = text[:point] + "." + text[point:]
+    return ("-" if sign else "") + body
+
+
+def _times_rounded(value: float, factor: float) -> str:
+    """``value * factor`` to the nearest integer (ties to even), computed on the decimal
+    texts as Helm's ``mulf`` does, then printed as Go's ``printf "%.0f"`` does."""
+    with localcontext(Context(prec=60)):
+        product = Decimal(repr(float(value))) * Decimal(repr(float(factor)))
+        return f"{product.quantize(Decimal(1), rounding=ROUND_HALF_EVEN):f}"
+
+
+def percent(value: float) -> str:
+    """A ratio as a whole percentage, e.g. 0.05 -> 5%."""
+    if isinstance(value, Placeholder):
+        return value.derived("PERCENT")
+    return _times_rounded(value, 100) + "%"
+
+
+def budget_joules(kwh: float) -> str:
+    if isinstance(kwh, Placeholder):
+        return kwh.derived("JOULES")
+    return _times_rounded(kwh, JOULES_PER_KWH)
 
 
 def runbook(alert: str) -> str:
@@ -136,7 +225,7 @@ def recording_groups(p: RuleParams) -> list[dict[str, Any]]:
     if p.namespace_budgets_kwh:
         groups.append({"name": "kwatt.budgets", "rules": [
             _record("kwatt_namespace_energy_budget_joules",
-                    f"vector({kwh * JOULES_PER_KWH:.0f})", {"namespace": ns})
+                    f"vector({budget_joules(kwh)})", {"namespace": ns})
             for ns, kwh in sorted(p.namespace_budgets_kwh.items())]})
     return groups
 
@@ -189,11 +278,11 @@ def alert_group(p: RuleParams) -> dict[str, Any]:
                "* on (cluster, node, uuid) group_left ()\n"
                "(\n  max by (cluster, node, uuid) "
                f"(max_over_time(kwatt_gpu_utilization_ratio[{p.gpu_idle_window}]))\n"
-               f"  < {p.gpu_idle_utilization:g}\n)",
+               f"  < {number(p.gpu_idle_utilization)}\n)",
                p.gpu_idle_for, "info",
                "GPU {{ $labels.gpu }} on {{ $labels.node }} is allocated but idle",
                "{{ $labels.namespace }}/{{ $labels.pod }} holds GPU {{ $labels.uuid }} "
-               f"whose utilisation stayed under {p.gpu_idle_utilization:.0%} for "
+               f"whose utilisation stayed under {percent(p.gpu_idle_utilization)} for "
                f"{p.gpu_idle_window}; it burns idle power and blocks other workloads."),
         _alert("KwattNamespaceOverEnergyBudget",
                "namespace:kwatt_energy_joules:increase1d\n"
@@ -204,19 +293,19 @@ def alert_group(p: RuleParams) -> dict[str, Any]:
                "24h, more than its kwatt_namespace_energy_budget_joules."),
         _alert("KwattHighUnattributedShare",
                f"sum by (cluster, node) (node_reason:kwatt_unattributed_energy:ratio_rate{w}"
-               f'{{reason=~"{p.unattributed_reasons}"}}) > {p.unattributed_ratio:g}',
+               f'{{reason=~"{p.unattributed_reasons}"}}) > {number(p.unattributed_ratio)}',
                p.unattributed_for, "info",
                "{{ $value | humanizePercentage }} of {{ $labels.node }} energy is unattributed",
                f"Energy charged to no workload (reasons {p.unattributed_reasons}) exceeds "
-               f"{p.unattributed_ratio:.0%} on {{{{ $labels.node }}}}."),
+               f"{percent(p.unattributed_ratio)} on {{{{ $labels.node }}}}."),
         _alert("KwattSamplingBehind",
                f"(\n  rate(kwatt_sample_duration_seconds_sum[{w}])\n"
                f"  / rate(kwatt_sample_duration_seconds_count[{w}])\n"
                f"  > on (cluster, node, job, instance) "
-               f"{p.sample_duration_ratio:g} * kwatt_sample_interval_seconds\n)\nor (\n"
+               f"{number(p.sample_duration_ratio)} * kwatt_sample_interval_seconds\n)\nor (\n"
                f"  rate(kwatt_sample_duration_seconds_count[{w}])"
                " * on (cluster, node, job, instance) kwatt_sample_interval_seconds\n"
-               f"  < {p.sample_rate_ratio:g}\n"
+               f"  < {number(p.sample_rate_ratio)}\n"
                # rate() divides by the whole window: only judge exporters scraped for
                # longer than it, or every start would look like missed cycles.
                "  and on (cluster, node, job, instance)\n"
@@ -243,13 +332,46 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 
 
 _Dumper.add_representer(str, _str)
+_Dumper.add_representer(Placeholder, _str)
 
 HEADER = (
     "# Generated by dashboards/generate.py rules: do not edit, regenerate.\n"
-    "# Plain Prometheus: list this file under rule_files. Helm: scripts sync it into the\n"
-    "# chart, which wraps `groups` in a PrometheusRule.\n"
+    "# Plain Prometheus: list this file under rule_files. The Helm chart renders the same\n"
+    "# rules from kwatt-rules.chart.yaml, thresholds from its prometheusRule values.\n"
 )
 
 
+def _dump(document: dict[str, Any]) -> str:
+    return yaml.dump(document, Dumper=_Dumper, sort_keys=False, width=100)
+
+
 def render_rules(p: RuleParams) -> str:
-    return HEADER + yaml.dump(build_rules(p), Dumper=_Dumper, sort_keys=False, width=100)
+    return HEADER + _dump(build_rules(p))
+
+
+def chart_params() -> RuleParams:
+    """RuleParams whose chart-tunable values are placeholders; budgets become one
+    prototype rule (namespace and kWh placeholders) the chart repeats per namespace."""
+    tokens: dict[str, Any] = {item.name: Placeholder(chart_key(item.name))
+                              for item in fields(RuleParams) if item.name not in NOT_IN_CHART}
+    budget: dict[str, Any] = {Placeholder("budgetNamespace"): Placeholder("budgetKWh")}
+    return RuleParams(**tokens, namespace_budgets_kwh=budget)
+
+
+CHART_HEADER = (
+    "# Generated by dashboards/generate.py: do not edit, regenerate; scripts/sync-chart-files\n"
+    "# copies it into the Helm chart. The rules of dashboards/rules/kwatt-rules.yaml with\n"
+    "# each tunable value as a __KWATT_<key>__ token that templates/prometheusrule.yaml\n"
+    "# replaces with prometheusRule.<key> or prometheusRule.alerts.<key>\n"
+    "# (__KWATT_PERCENT_<key>__: that ratio as a whole percentage). The kwatt.budgets group\n"
+    "# holds one prototype rule, repeated per prometheusRule.namespaceBudgetsKWh entry.\n"
+)
+
+
+def render_chart_rules() -> str:
+    plain = render_rules(RuleParams())
+    if TOKEN_PREFIX in plain:
+        raise ValueError(f"the rules contain {TOKEN_PREFIX!r}: chart placeholders would clash")
+    document: dict[str, Any] = {"budgetJoulesPerKWh": JOULES_PER_KWH,
+                                **build_rules(chart_params())}
+    return CHART_HEADER + _dump(document)
