@@ -659,11 +659,11 @@ def test_sync_check_notices_a_stale_copy(tmp_path: Path) -> None:
     assert subprocess.run([sys.executable, script, "--check"], timeout=60).returncode == 0
 
 
-def test_values_table_in_docs_is_generated_from_values_yaml() -> None:
+def test_values_table_in_readme_is_generated_from_values_yaml() -> None:
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "gen-values-table"),
                              "--check"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    doc = (REPO / "docs" / "deploy.md").read_text()
+    doc = (REPO / "README.md").read_text()
     for key in ("runAsRoot", "gpu.hostPID", "config.attribution.idle_policy",
                 "web.basicAuth.users", "serviceMonitor.tlsConfig"):
         assert f"| `{key}` |" in doc
