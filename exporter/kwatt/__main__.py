@@ -75,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         namer = kube.namer
         stages.append(kube.stage)
         kube.watcher.start()
+    else:
+        log.info("host mode: workloads are systemd units and Docker/Podman containers, "
+                 "named from their cgroups", extra={"kubernetes": config.kubernetes})
     # In Kubernetes mode host services and Docker containers stay in the node's system share.
     sampler = Sampler(config, namer, include_host_units=kube is None, stages=stages)
     if config.once:
