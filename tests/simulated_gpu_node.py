@@ -1,10 +1,10 @@
-"""A simulated GPU node served by the exporter's own parts, in this process.
+"""A simulated GPU node served by the exporter's own assembly, in this process.
 
 The CLI cannot take a fake NVML (kwatt.sources.nvml_fake is never chosen by a flag), so
-this wires the same pieces ``kwatt.__main__.main`` wires - Sampler, GPU stage, Kubernetes
-namer and pod watcher, collectors, WSGI app - around ``FakeNvml``, a real kubelet
-PodResources gRPC server on a unix socket and the fake Kubernetes API.
-Everything after NVML is kwatt's real code: attribution, ledger, metrics, HTTP.
+this builds ``kwatt.exporter.Exporter`` - the object ``kwatt.__main__.main`` runs - with
+``FakeNvml`` injected, around a real kubelet PodResources gRPC server on a unix socket and
+the fake Kubernetes API. Everything after NVML is kwatt's real code: the Kubernetes watch,
+attribution, ledger, collectors, HTTP.
 
 Scenario (what the GPU dashboard and the GPU alert need):
   GPU-0  300 W, 90 % busy, held by ml/train-0/trainer (exclusive)
@@ -22,16 +22,10 @@ from pathlib import Path
 
 from fake_kube_api import FakeKubeApi, make_pod
 from kwatt.config import load_config
-from kwatt.gpu_stage import build_gpu_stage
-from kwatt.metrics import KwattCollector, StaticInfo
-from kwatt.sampler import Sampler
+from kwatt.exporter import Exporter
 from kwatt.sources.nvml import MigInstance
 from kwatt.sources.nvml_fake import FakeGpu, FakeNvml
-from kwatt.web import build_app, start_server
-from kwatt.workloads.kubernetes import build_kubernetes
 from podresources_server import Allocation, PodResourcesServer
-from prometheus_client import CollectorRegistry
-from prometheus_client.process_collector import ProcessCollector
 from simnode import SimulatedNode, container_id, pod_uid
 
 GPU_WATTS = {"GPU-0": 300.0, "GPU-1": 60.0, "GPU-2": 50.0, "GPU-3": 100.0, "GPU-4": 150.0}
@@ -83,23 +77,11 @@ class SimulatedGpuNode:
             "--interval", "1s", "--web.listen-address", "127.0.0.1:0",
             "--node-name", node_name,
             "--kubelet.pod-resources-socket", self.kubelet.socket_path], env={})
-        stage = build_gpu_stage(self.config, lambda: FakeNvml(self.gpus))
-        assert stage is not None
-        self.kube = build_kubernetes(self.config)
-        self.kube.watcher.start()
-        self.sampler = Sampler(self.config, self.kube.namer, include_host_units=False,
-                               stages=[stage[0], self.kube.stage])
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(KwattCollector(self.sampler.snapshot, StaticInfo(
-            node=node_name, interval_seconds=self.config.interval_seconds,
-            carbon_intensity_grams_per_kwh=self.config.carbon_intensity_grams_per_kwh,
-            energy_price_per_kwh=self.config.energy_price_per_kwh,
-            energy_price_currency=self.config.energy_price_currency, pue=self.config.pue)))
-        registry.register(stage[1])
-        registry.register(self.kube.collector)
-        ProcessCollector(registry=registry)
-        self.server, _ = start_server(build_app(registry, lambda: (True, "ok")),
-                                      "127.0.0.1", 0)
+        self.exporter = Exporter(self.config,
+                                 gpu_backend_factory=lambda: FakeNvml(self.gpus))
+        self.exporter.start_watch()
+        self.sampler = self.exporter.sampler
+        self.server = self.exporter.serve()
         self.port = int(self.server.server_address[1])
         self.stop_event = threading.Event()
         self._threads = [threading.Thread(target=self.sampler.run, args=(self.stop_event,),
@@ -127,5 +109,4 @@ class SimulatedGpuNode:
             thread.join(timeout=5)
         self.server.shutdown()
         self.kubelet.stop()
-        self.kube.watcher.stop()
-        self.kube.watcher.join(5)
+        self.exporter.stop_watch()
