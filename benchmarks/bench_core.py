@@ -11,10 +11,7 @@ Targets on the 2-core CI machine: cycle <= 15 ms, scrape <= 25 ms, RSS <= 80 MB,
 from __future__ import annotations
 
 import argparse
-import cProfile
 import gc
-import io
-import pstats
 import random
 import statistics
 import sys
@@ -24,22 +21,16 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kwatt.config import load_config
 from kwatt.metrics import KwattCollector, StaticInfo
 from kwatt.sampler import Sampler
 from kwatt.web import build_app, start_server
 from kwatt.workloads.naming import HostNamer
+from measure import profile_cycles, rss_mb
 from prometheus_client import CollectorRegistry, generate_latest
 from simnode import SimulatedNode, container_id, pod_uid
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as status:  # the benchmark's own memory, not an input
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def build(root: Path, pods: int) -> tuple[SimulatedNode, list[str]]:
@@ -106,14 +97,11 @@ def main() -> None:
             scrape_http.append(time.perf_counter() - t0)
         server.shutdown()
 
-        profiler = cProfile.Profile()
-        profiler.enable()
-        for _ in range(100):
+        def cycle() -> None:
             now[0] += 5.0
             sampler.sample()
-        profiler.disable()
-        report = io.StringIO()
-        pstats.Stats(profiler, stream=report).sort_stats("tottime").print_stats(8)
+
+        profile = profile_cycles(cycle, 100, 8)
 
     series = body.count(b"\n") - body.count(b"\n#")
     ms = 1000.0
@@ -129,7 +117,7 @@ def main() -> None:
     print(f"RSS after {last} cycles    {rss_at[last]:6.1f} MB  (target <= 80); "
           f"growth 500->{last}: {rss_at[last] - rss_at.get(500, rss_at[last]):+.1f} MB")
     print("what dominates a cycle (top functions by own time, 100 cycles):")
-    print("\n".join(report.getvalue().splitlines()[6:20]))
+    print(profile)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,7 @@ Targets: cycle <= 20 ms median, RSS <= 100 MB, no growth over 10,000 pod events.
 from __future__ import annotations
 
 import argparse
-import cProfile
 import gc
-import io
-import pstats
 import random
 import statistics
 import sys
@@ -30,24 +27,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fake_kube_api import FakeKubeApi, make_pod, write_kubeconfig
 from kwatt.config import load_config
 from kwatt.sampler import Sampler
 from kwatt.workloads.kubernetes import build_kubernetes
+from measure import profile_cycles, rss_mb
 from prometheus_client import CollectorRegistry, generate_latest
 from simnode import SimPod, SimulatedNode, container_id, pod_uid
 
 INTERVAL = 5.0
 CONTAINERS = ("app", "sidecar", "log")
 
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as status:  # the benchmark's own memory, not an input
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
@@ -144,14 +136,11 @@ def main() -> None:
         index = parts.store.current()
         tombstones = sum(1 for r in index.pods.values() if r.deleted_at is not None)
         unnamed = sampler.ledger.unnamed_energy()
-        profiler = cProfile.Profile()
-        profiler.enable()
-        for _ in range(100):
+        def cycle() -> None:
             now[0] += INTERVAL
             sampler.sample()
-        profiler.disable()
-        report = io.StringIO()
-        pstats.Stats(profiler, stream=report).sort_stats("tottime").print_stats(10)
+
+        profile = profile_cycles(cycle, 100, 10)
 
         parts.watcher.stop()
         api.close_watches()
@@ -175,7 +164,7 @@ def main() -> None:
     print(f"kwatt_pod_info scrape    median {statistics.median(scrape) * ms:6.2f} ms "
           f"({body.count(b'kwatt_pod_info{')} series)")
     print("what dominates a cycle (top functions by own time, 100 cycles):")
-    print("\n".join(report.getvalue().splitlines()[6:22]))
+    print(profile)
 
 
 if __name__ == "__main__":
