@@ -1,0 +1,25 @@
+"""The README's example config is a config the exporter accepts, key for key."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from conftest import REPO
+from kwatt.config import load_config
+
+
+def test_readme_config_example_loads(tmp_path: Path) -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Configuration"):]
+    example = re.search(r"```yaml\n(.*?)```", section, re.S)
+    assert example is not None
+    path = tmp_path / "kwatt.yaml"
+    path.write_text(example.group(1))
+    config = load_config(["--config", str(path)], env={"NODE_NAME": "n1"})
+    assert config.interval_seconds == 5.0
+    assert config.carbon_intensity_grams_per_kwh == 350
+    assert config.energy_price_currency == "EUR"
+    assert config.attribution.idle_watts_cpu == 42.0
+    assert config.pod_label_allowlist == ("team", "app.kubernetes.io/name")
+    assert config.service_account_dir == "/var/run/secrets/kubernetes.io/serviceaccount"
