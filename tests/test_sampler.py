@@ -193,3 +193,31 @@ def test_unnamed_workload_energy_reaches_namespace_once_named(sim, clock) -> Non
     sampler.sample()
     ns = {(n, c): j for n, c, j in sampler.snapshot().namespace_energy}
     assert ns[("team-a", "cpu")] == pytest.approx(40.0)
+
+
+def test_idle_baseline_is_learned_only_from_quiet_intervals(sim, clock: FakeClock) -> None:
+    node: SimulatedNode = sim()
+    node.add_rapl_zone("0", "package-0")
+    pod = node.add_pod(pod_uid("load"))
+    work = node.add_container(pod, container_id("load"))
+    sampler = Sampler(node_config(node), HostNamer(), clock=clock)
+    sampler.sample()
+
+    def interval(busy: float, idle: float, joules: float) -> dict[tuple[str, str], float]:
+        before = _unattributed(sampler.snapshot())
+        node.add_cpu(work.path, busy)
+        node.add_node_cpu(idle_seconds=idle)
+        node.add_energy("0", joules)
+        clock.advance(10)
+        sampler.sample()
+        after = _unattributed(sampler.snapshot())
+        return {k: after[k] - before.get(k, 0.0) for k in after}
+
+    # Busy first (u = 0.8, 300 W): nothing is learned, idle is E * (1 - u).
+    assert interval(32, 8, 3000)[("cpu", "idle")] == pytest.approx(600.0)
+    # Quiet (u = 0.05, 40 W then 35 W): the lowest power seen becomes the baseline. The
+    # interval that teaches it still uses the rule in force before it.
+    assert interval(2, 38, 400)[("cpu", "idle")] == pytest.approx(380.0)
+    assert interval(2, 38, 350)[("cpu", "idle")] == pytest.approx(350.0)  # 40 W known
+    # Busy again: idle is the 35 W baseline, not E * (1 - u) = 600 J.
+    assert interval(32, 8, 3000)[("cpu", "idle")] == pytest.approx(350.0)

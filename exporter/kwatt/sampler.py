@@ -192,7 +192,8 @@ class Sampler:
         if dt is not None and dt > 0:
             for zone, joules in zone_deltas.items():
                 self.ledger.add_zone(zone.zone, zone.index, joules)
-            for energy in self._node_components(zone_deltas, cpu_times, utilisation, dt):
+            for energy in self._node_components(zone_deltas, cpu_times, utilisation, dt,
+                                                now):
                 if utilisation is None:
                     # Without node CPU time nothing can be split: book it, charge nobody.
                     self.ledger.add_node(energy.component, energy.source, energy.joules)
@@ -272,7 +273,7 @@ class Sampler:
 
     def _node_components(self, zone_deltas: dict[RaplZone, float],
                          cpu_times: NodeCpuTimes | None, utilisation: float | None,
-                         dt: float) -> list[ComponentEnergy]:
+                         dt: float, now: float) -> list[ComponentEnergy]:
         measured = component_energy_joules(self._zones, zone_deltas)
         out: list[ComponentEnergy] = []
         for component, joules in measured.items():
@@ -281,7 +282,7 @@ class Sampler:
             if baseline is None:
                 baseline = self._baselines[component].watts()
                 if utilisation is not None:
-                    self._baselines[component].observe(self._clock(), watts, utilisation)
+                    self._baselines[component].observe(now, watts, utilisation)
             out.append(ComponentEnergy(component, "rapl", joules,
                                        None if baseline is None else baseline * dt))
         missing = [c for c in ("cpu", "dram") if c not in measured]
