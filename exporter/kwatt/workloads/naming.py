@@ -7,6 +7,7 @@ import os
 from typing import Protocol
 
 from kwatt.ledger import WorkloadLabels
+from kwatt.text import clean_text
 from kwatt.workloads.cgroups import CgroupIdentity
 
 POD_SANDBOX_CONTAINER = "POD"  # cAdvisor's name for the pod-level (sandbox) cgroup
@@ -46,7 +47,7 @@ class HostNamer:
                     with open(path, encoding="utf-8") as handle:
                         found = json.load(handle).get("Name", "")
                     if isinstance(found, str) and found.strip("/"):
-                        name = found.strip("/")
+                        name = clean_text(found.strip("/"))
                 except (OSError, ValueError, AttributeError):
                     pass  # no access to Docker's state: the short id is still a stable name
             if len(self._docker_names) > 10000:  # bounded: churned containers age out
@@ -65,7 +66,8 @@ class HostNamer:
             return WorkloadLabels("", "", name, name, "docker")
         if identity.kind == "podman":
             return WorkloadLabels("", "", short, short, "podman")
-        return WorkloadLabels("", "", identity.name, identity.name, "systemd")
+        unit = clean_text(identity.name)  # a cgroup name may be any bytes
+        return WorkloadLabels("", "", unit, unit, "systemd")
 
     def cpu_request(self, identity: CgroupIdentity) -> float:
         return 0.0
