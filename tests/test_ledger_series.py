@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kwatt.ledger import EnergyLedger, LedgerSnapshot, WorkloadLabels
 from kwatt.metrics import KwattCollector, StaticInfo
 from prometheus_client import CollectorRegistry, generate_latest
@@ -147,3 +150,33 @@ def test_retained_containers_counts_exposed_finished_series_only() -> None:
     # unnamed account (held by id) and the one that never used energy.
     assert len(container_values(snap)) == 2
     assert retained(snap) == 1
+
+
+NAMES = [WorkloadLabels(ns, pod, c, wl, "Deployment") for ns in ("a", "b")
+         for pod, wl in (("p1", "w1"), ("p2", "w1"), ("p3", "w2")) for c in ("x", "y")]
+
+
+@given(st.lists(st.dictionaries(
+    st.integers(0, 7),
+    st.tuples(st.one_of(st.none(), st.sampled_from(NAMES)),
+              st.floats(0, 100, allow_nan=False)), max_size=6), min_size=1, max_size=40),
+    st.floats(1, 200))
+@settings(max_examples=200, deadline=None)
+def test_exposed_counters_are_unique_and_never_go_backwards(cycles, step) -> None:
+    """Any sequence of accounts appearing, going, being named and renamed onto shared label
+    sets: every exposed label set appears once, no exposed counter decreases, and the
+    workload and namespace counters hold all named energy."""
+    ledger = EnergyLedger(60.0, 3)
+    last: dict[tuple[str, ...], float] = {}
+    now = 0.0
+    for present in cycles:
+        now += step
+        snap = cycle(ledger, now, present)
+        values = container_values(snap)
+        assert len({labels for labels, _ in values}) == len(values)
+        for labels, value in values:
+            assert value >= last.get(labels, 0.0) - 1e-9
+        last = dict(values)
+        namespaces = sum(j for _, _, j in snap.namespace_energy)
+        workloads = sum(j for *_, j in snap.workload_energy)
+        assert workloads == pytest.approx(namespaces, abs=1e-6)

@@ -246,8 +246,11 @@ class EnergyLedger:
                 name = _clean_labels(name)
                 if account.labels != name:
                     self._rename(account, name)
-                active.add(name)
-                active_workloads.add((name.namespace, name.workload, name.workload_kind))
+            current = account.labels  # a namer that forgets a name keeps the last one
+            if current is not None:
+                active.add(current)
+                active_workloads.add(
+                    (current.namespace, current.workload, current.workload_kind))
         for name in active:
             series = self._series.get(name)
             if series is not None:
