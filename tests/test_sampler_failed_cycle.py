@@ -81,3 +81,31 @@ def test_failed_cycle_publishes_its_fault_and_books_nothing_twice(
     assert after["node"] == pytest.approx(300.0)
     assert after["containers"] + after["unattributed"] == pytest.approx(300.0)
     assert after["containers"] == after["namespaces"] == pytest.approx(after["workloads"])
+
+
+def test_a_namer_failing_on_one_workload_costs_only_that_workload(sim, clock) -> None:
+    node: SimulatedNode = sim(vcpus=2)
+    node.add_rapl_zone("0", "package-0")
+    good = node.add_unit("/system.slice/good.service")
+    bad = node.add_unit("/system.slice/bad.service")
+
+    class BrokenForOne(HostNamer):
+        def name(self, identity):  # type: ignore[no-untyped-def]
+            if identity.name == "bad.service":
+                raise RecursionError("maximum recursion depth exceeded")
+            return super().name(identity)
+
+    sampler = Sampler(node_config(node), BrokenForOne(), clock=clock)
+    sampler.sample()
+    node.add_cpu(good, 2)
+    node.add_cpu(bad, 2)
+    node.add_node_cpu(idle_seconds=6)
+    node.add_energy("0", 100.0)
+    clock.advance(5)
+    sampler.sample()
+    snap = sampler.snapshot()
+    assert [row.labels.container for row in snap.containers] == ["good.service"]
+    assert dict(((s, r), n) for s, r, n in snap.source_errors)[("cgroup", "parse")] >= 1
+    assert ("sampler", "api") not in {(s, r) for s, r, _ in snap.source_errors}
+    # The unnamed workload's energy is held, not lost: it reaches namespace "" on expiry.
+    assert sampler.ledger.unnamed_energy()["cpu"] > 0

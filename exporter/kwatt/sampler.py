@@ -274,9 +274,15 @@ class Sampler:
         present: dict[Hashable, WorkloadLabels | None] = {}
         for path, seconds in exclusive.items():
             identity = identities[path]
-            activities.append(WorkloadActivity(identity, seconds,
-                                               self._namer.cpu_request(identity)))
-            present[identity] = self._namer.name(identity)
+            try:
+                request = self._namer.cpu_request(identity)
+                name = self._namer.name(identity)
+            except Exception as exc:  # one workload's bad name must not stop the others
+                self._report(Fault("cgroup", "parse", clean_text(path),
+                                   f"cannot name the workload: {exc!r}"))
+                request, name = 0.0, None  # held by id, as while its pod is unknown
+            activities.append(WorkloadActivity(identity, seconds, request))
+            present[identity] = name
         return activities, present
 
     def _node_components(self, zone_deltas: dict[RaplZone, float],

@@ -9,6 +9,7 @@ and every scrape must stay a valid exposition.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -23,7 +24,10 @@ from simnode import SimulatedNode
 
 pytestmark = pytest.mark.slow
 
-REAL_CGROUP2 = Path("/sys/fs/cgroup/unified")  # hybrid hosts; pure v2 hosts: /sys/fs/cgroup
+# Pure cgroup v2 hosts mount the hierarchy at /sys/fs/cgroup, hybrid ones at .../unified.
+REAL_CGROUP2 = next((p for p in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
+                     if (p / "cgroup.controllers").exists()), Path("/sys/fs/cgroup"))
+_COUNT = re.compile(r"^kwatt_sample_duration_seconds_count\{[^}]*\} (\S+)$", re.M)
 
 
 def parse(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -38,6 +42,19 @@ def scrape(exporter: ExporterProcess) -> dict[str, list[tuple[dict[str, str], fl
     status, body = exporter.get("/metrics")
     assert status == 200, body[-2000:]
     return parse(body)
+
+
+def next_cycle(exporter: ExporterProcess, after: int = 0, timeout: float = 30.0) -> int:
+    """Wait for a cycle after ``after``; every scrape on the way must succeed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, body = exporter.get("/metrics")
+        assert status == 200, body[-2000:]
+        match = _COUNT.search(body)
+        if match and int(float(match.group(1))) > after:
+            return int(float(match.group(1)))
+        time.sleep(0.02)
+    raise TimeoutError("no sampler cycle completed")
 
 
 def units(metrics: dict[str, list[tuple[dict[str, str], float]]]) -> dict[str, list[float]]:
@@ -69,14 +86,14 @@ def test_undecodable_unit_names_in_a_fixture_tree(tmp_path: Path) -> None:
         write_usage(directory, 0.0)
     exporter = ExporterProcess(node, interval="200ms")
     try:
-        count = exporter.wait_for_cycle()
+        count = next_cycle(exporter)
         for step in range(1, 4):
             node.add_cpu(good, 1.0)
             for directory in bad:
                 write_usage(directory, 1.0 * step)
             node.add_node_cpu(busy_seconds=2.0, idle_seconds=1.0)
             node.add_energy("0", 50.0)
-            count = exporter.wait_for_cycle(exporter.wait_for_cycle(count))
+            count = next_cycle(exporter, next_cycle(exporter, count))
             metrics = scrape(exporter)
         found = units(metrics)
         assert len(found["bad\ufffd.service"]) == 1  # folded: one series per label set
@@ -89,6 +106,40 @@ def test_undecodable_unit_names_in_a_fixture_tree(tmp_path: Path) -> None:
     finally:
         if exporter.proc.poll() is None:
             exporter.stop()
+
+
+def test_hostile_docker_names_affect_only_their_container(tmp_path: Path) -> None:
+    """Docker's config.v2.json is read for a container's name: a lone surrogate in it, or
+    JSON nested too deep to parse, must cost that container its name, nothing more."""
+    node = SimulatedNode(tmp_path / "node", vcpus=2)
+    node.add_rapl_zone("0", "package-0")
+    docker_root = tmp_path / "docker"
+    ids = {"surrogate": "a" * 64, "deep": "b" * 64, "good": "c" * 64}
+    contents = {"surrogate": '{"Name": "/web\\udc80"}', "deep": "[" * 100_000 + "]" * 100_000,
+                "good": '{"Name": "/db"}'}
+    paths = {}
+    for key, cid in ids.items():
+        (docker_root / "containers" / cid).mkdir(parents=True)
+        (docker_root / "containers" / cid / "config.v2.json").write_text(contents[key])
+        paths[key] = node.add_unit(f"/system.slice/docker-{cid}.scope")
+    config = tmp_path / "kwatt.yaml"
+    config.write_text(f"host:\n  docker_root: {docker_root}\n")
+    exporter = ExporterProcess(node, "--config", str(config), interval="200ms")
+    try:
+        count = next_cycle(exporter)
+        for _ in range(2):
+            for path in paths.values():
+                node.add_cpu(path, 1.0)
+            node.add_node_cpu(idle_seconds=1.0)
+            node.add_energy("0", 30.0)
+            count = next_cycle(exporter, next_cycle(exporter, count))
+        found = units(scrape(exporter))
+        assert found.get("web\ufffd", [0.0])[0] > 0, found
+        assert found.get("b" * 12, [0.0])[0] > 0, found  # unparsable: named by its short id
+        assert found.get("db", [0.0])[0] > 0, found
+        assert errors(scrape(exporter), "sampler") == 0
+    finally:
+        exporter.stop()
 
 
 @pytest.fixture
@@ -129,7 +180,7 @@ def test_undecodable_unit_name_in_the_real_cgroupfs(
     unit = os.path.join(root, b"system.slice", b"\xe9t\xe9\xff.service")
     burner = None
     try:
-        count = exporter.wait_for_cycle()
+        count = next_cycle(exporter)
         os.mkdir(unit)
         # A process that burns some CPU inside the unit, so it earns energy and a series.
         burner = subprocess.Popen([sys.executable, "-c", (
@@ -144,7 +195,7 @@ def test_undecodable_unit_name_in_the_real_cgroupfs(
         deadline = time.monotonic() + 60
         found: dict[str, list[float]] = {}
         while time.monotonic() < deadline:
-            count = exporter.wait_for_cycle(count)
+            count = next_cycle(exporter, count)
             metrics = scrape(exporter)  # never a 500, whatever the kernel hands over
             found = units(metrics)
             if found.get("\ufffdt\ufffd\ufffd.service", [0.0])[0] > 0:
