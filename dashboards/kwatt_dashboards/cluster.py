@@ -26,7 +26,7 @@ from kwatt_dashboards.common import (
 
 NODE_E = f"kwatt_node_energy_joules_total{sel()}"
 NS_E = f"kwatt_namespace_energy_joules_total{sel()}"
-CT_E = f"kwatt_container_energy_joules_total{sel()}"
+WL_E = f"kwatt_workload_energy_joules_total{sel()}"
 UN_E = f"kwatt_unattributed_energy_joules_total{sel()}"
 
 
@@ -95,7 +95,7 @@ def build(currency_unit: str) -> dashboard.Dashboard:
             "...) with most energy over the range. Click for the workload dashboard.",
             "kwatth",
             target(f"topk(10, sum by (namespace, workload_kind, workload) "
-                   f"(increase({CT_E}[$__range]))) / {KWH}",
+                   f"(increase({WL_E}[$__range]))) / {KWH}",
                    "{{namespace}}/{{workload}} ({{workload_kind}})", instant=True),
             links=[to_wl]))
         .with_panel(bars(

@@ -69,7 +69,7 @@ def build() -> dashboard.Dashboard:
         .with_panel(bars(
             "GPU energy by namespace over range", "GPU energy charged to each namespace; "
             "an exclusively held GPU charges its holder for idle power too.", "kwatth",
-            target(f"sum by (namespace) (increase(kwatt_container_energy_joules_total"
+            target(f"sum by (namespace) (increase(kwatt_namespace_energy_joules_total"
                    f"{GPU_ENERGY}[$__range])) "
                    f"/ {KWH}", "{{namespace}}", instant=True), links=[to_ns]))
         .with_panel(single(

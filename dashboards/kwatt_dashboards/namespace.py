@@ -26,6 +26,8 @@ from kwatt_dashboards.common import (
 
 NS_E = f"kwatt_namespace_energy_joules_total{sel(NS)}"
 CT_E = f"kwatt_container_energy_joules_total{sel(NS)}"
+# Workload views: this counter outlives pods, so short-lived pods count in increase().
+WL_E = f"kwatt_workload_energy_joules_total{sel(NS)}"
 
 
 def namespace_variable() -> dashboard.QueryVariable:
@@ -63,7 +65,7 @@ def build(currency_unit: str) -> dashboard.Dashboard:
             "Power by workload", "Power of each workload (Deployment, StatefulSet, CronJob, "
             "...). Click a series for the workload dashboard.", "watt",
             target(f"sum by (namespace, workload_kind, workload) "
-                   f"(rate({CT_E}[$__rate_interval]))", "{{workload}} ({{workload_kind}})"),
+                   f"(rate({WL_E}[$__rate_interval]))", "{{workload}} ({{workload_kind}})"),
             links=[to_wl], stacked=True))
         .with_panel(ts(
             "Power by pod", "Power of each pod. Click a series for the pod.", "watt",
@@ -73,7 +75,7 @@ def build(currency_unit: str) -> dashboard.Dashboard:
             "Energy per workload over range", "Energy of each workload over the range.",
             "kwatth",
             target(f"sum by (namespace, workload_kind, workload) "
-                   f"(increase({CT_E}[$__range])) / {KWH}",
+                   f"(increase({WL_E}[$__range])) / {KWH}",
                    "{{workload}} ({{workload_kind}})", instant=True), links=[to_wl]))
         .with_panel(bars(
             "Energy per pod over range", "Energy of each pod over the range (pods still "

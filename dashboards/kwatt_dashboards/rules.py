@@ -173,9 +173,11 @@ def recording_groups(p: RuleParams) -> list[dict[str, Any]]:
         _record(f"namespace:kwatt_power_watts:sum_rate{w}",
                 f"sum by (cluster, namespace, component) "
                 f"(rate(kwatt_namespace_energy_joules_total[{w}]))"),
+        # Workload views read the workload counter: it outlives pods, so short-lived pods
+        # are growth of an existing series, which rate() and increase() count.
         _record(f"workload:kwatt_power_watts:sum_rate{w}",
                 f"sum by (cluster, namespace, workload_kind, workload, component) "
-                f"(rate(kwatt_container_energy_joules_total[{w}]))"),
+                f"(rate(kwatt_workload_energy_joules_total[{w}]))"),
         _record(f"pod:kwatt_power_watts:sum_rate{w}",
                 f"sum by (cluster, namespace, pod, component) "
                 f"(rate(kwatt_container_energy_joules_total[{w}]))"),
@@ -195,7 +197,7 @@ def recording_groups(p: RuleParams) -> list[dict[str, Any]]:
                 "sum by (cluster, namespace) (node_namespace:kwatt_energy_joules:increase1d)"),
         _record("workload:kwatt_energy_joules:increase1d",
                 "sum by (cluster, namespace, workload_kind, workload) "
-                "(increase(kwatt_container_energy_joules_total[1d]))"),
+                "(increase(kwatt_workload_energy_joules_total[1d]))"),
         _record("node:kwatt_carbon_grams_per_kwh:pue",
                 "kwatt_carbon_intensity_grams_per_kwh * on (cluster, node) kwatt_pue_ratio"),
         _record("node:kwatt_energy_price_per_kwh:pue",

@@ -74,7 +74,8 @@ class KwattCollector(Collector):
 
         family = CounterMetricFamily(
             "kwatt_container_energy_joules_total",
-            "Energy attributed to one container (or systemd unit in host mode) by component.",
+            "Energy attributed to one container (or systemd unit in host mode) by component; "
+            "containers with identical labels (a restart) share one series.",
             labels=("node", *CONTAINER_LABELS, "component"))
         for row in snap.containers:
             labels = row.labels
@@ -82,6 +83,15 @@ class KwattCollector(Collector):
                     labels.workload_kind)
             for component, joules in row.energy:
                 family.add_metric((*base, component), joules)
+        yield family
+
+        family = CounterMetricFamily(
+            "kwatt_workload_energy_joules_total",
+            "Energy attributed to the containers of one workload (Deployment, CronJob, ...); "
+            "outlives its pods, for 25 h after the workload's last activity.",
+            labels=("node", "namespace", "workload", "workload_kind", "component"))
+        for namespace, workload, kind, component, joules in snap.workload_energy:
+            family.add_metric((node, namespace, workload, kind, component), joules)
         yield family
 
         family = CounterMetricFamily(

@@ -6,6 +6,7 @@ publishing an immutable snapshot that the collector renders.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -34,6 +35,7 @@ from kwatt.sources.rapl import (
     discover_rapl_zones,
     read_rapl_zones,
 )
+from kwatt.text import clean_text, is_clean
 from kwatt.workloads.cgroups import (
     CgroupIdentity,
     CgroupLayout,
@@ -252,6 +254,12 @@ class Sampler:
             parents[cgroup.path] = cgroup.parent
             identities[cgroup.path] = cgroup.identity
             previous = self._previous_usage.get(cgroup.path)
+            if previous is None and not is_clean(cgroup.path):
+                # Accounted all the same, under a name with U+FFFD; counted once when it
+                # appears, so one odd unit does not mark the whole cgroup source down.
+                self._report(Fault("cgroup", "parse", clean_text(cgroup.path),
+                                   "cgroup name is not valid UTF-8; its labels show U+FFFD "
+                                   "for each undecodable byte"))
             if previous is None:
                 # New since the last cycle: all of its CPU time was spent in this interval.
                 # On the very first cycle we cannot know that, so it only sets the baseline.
@@ -266,9 +274,15 @@ class Sampler:
         present: dict[Hashable, WorkloadLabels | None] = {}
         for path, seconds in exclusive.items():
             identity = identities[path]
-            activities.append(WorkloadActivity(identity, seconds,
-                                               self._namer.cpu_request(identity)))
-            present[identity] = self._namer.name(identity)
+            try:
+                request = self._namer.cpu_request(identity)
+                name = self._namer.name(identity)
+            except Exception as exc:  # one workload's bad name must not stop the others
+                self._report(Fault("cgroup", "parse", clean_text(path),
+                                   f"cannot name the workload: {exc!r}"))
+                request, name = 0.0, None  # held by id, as while its pod is unknown
+            activities.append(WorkloadActivity(identity, seconds, request))
+            present[identity] = name
         return activities, present
 
     def _node_components(self, zone_deltas: dict[RaplZone, float],
@@ -319,16 +333,35 @@ class Sampler:
 
     # -- the loop -------------------------------------------------------------------------
 
+    def _cursors(self) -> tuple[object, ...]:
+        """Where the sampler's own readings stand before a cycle."""
+        return (self._previous_time, self._previous_cpu, self._previous_usage,
+                copy.deepcopy(self._rapl_counters))
+
+    def _undo_cycle(self, cursors: tuple[object, ...]) -> None:
+        """A cycle failed half-way: undo what it booked and where its readings stand, so
+        the next cycle measures the whole span from the last good one and books it once
+        (nothing lost, nothing twice; an extra stage's own interval is lost). Then publish,
+        so the failure is counted on /metrics although the cycle did not complete."""
+        self.ledger.rollback()
+        (self._previous_time, self._previous_cpu, self._previous_usage,
+         self._rapl_counters) = cursors  # type: ignore[assignment]
+        self.ledger.count_error("sampler", "api")
+        self._snapshot = self.ledger.snapshot()
+
     def run(self, stop: threading.Event) -> None:
         interval = self._config.interval_seconds
         deadline = self._clock()
         behind = RateLimitedLog(log, every=300.0, clock=self._clock)
         while not stop.is_set():
+            cursors = self._cursors()
+            self.ledger.begin()
             try:
                 self.sample()
             except Exception:  # a bug must not kill the loop: log, count, go on
                 log.exception("sampler cycle failed")
-                self.ledger.count_error("sampler", "api")
+                self._undo_cycle(cursors)
+            self.ledger.commit()
             deadline += interval
             delay = deadline - self._clock()
             if delay < 0:

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 
 from kwatt.faults import Fault, reason_for_oserror
+from kwatt.text import clean_text
 
 SOURCE = "cgroup"
 _MAX_DEPTH = 24
@@ -198,7 +199,8 @@ def scan_cgroups(layout: CgroupLayout, *, include_host_units: bool) -> CgroupSca
         except FileNotFoundError:
             continue
         except OSError as exc:
-            faults.append(Fault(SOURCE, reason_for_oserror(exc), "/" + "/".join(components),
+            faults.append(Fault(SOURCE, reason_for_oserror(exc),
+                                clean_text("/" + "/".join(components)),
                                 exc.strerror or str(exc)))
             continue
         for name in entries:
@@ -217,11 +219,11 @@ def scan_cgroups(layout: CgroupLayout, *, include_host_units: bool) -> CgroupSca
                 except OSError as exc:
                     if exc.errno == 19:  # ENODEV: cgroup being removed
                         continue
-                    faults.append(Fault(SOURCE, reason_for_oserror(exc), path,
+                    faults.append(Fault(SOURCE, reason_for_oserror(exc), clean_text(path),
                                         exc.strerror or str(exc)))
                     continue
                 except ValueError as exc:
-                    faults.append(Fault(SOURCE, "parse", path, str(exc)))
+                    faults.append(Fault(SOURCE, "parse", clean_text(path), str(exc)))
                     continue
                 results.append(CgroupUsage(path, identity, parent, usage))
                 if identity.kind in ("container", "docker", "podman"):

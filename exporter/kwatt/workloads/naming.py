@@ -7,9 +7,11 @@ import os
 from typing import Protocol
 
 from kwatt.ledger import WorkloadLabels
+from kwatt.text import clean_text
 from kwatt.workloads.cgroups import CgroupIdentity
 
 POD_SANDBOX_CONTAINER = "POD"  # cAdvisor's name for the pod-level (sandbox) cgroup
+_MAX_DOCKER_CONFIG_BYTES = 1 << 20  # a container's config.v2.json is a few KiB
 
 
 class WorkloadNamer(Protocol):
@@ -43,12 +45,14 @@ class HostNamer:
                 path = os.path.join(self._docker_root, "containers", container_id,
                                     "config.v2.json")
                 try:
-                    with open(path, encoding="utf-8") as handle:
-                        found = json.load(handle).get("Name", "")
+                    with open(path, "rb") as handle:
+                        found = json.loads(handle.read(_MAX_DOCKER_CONFIG_BYTES)).get("Name", "")
                     if isinstance(found, str) and found.strip("/"):
-                        name = found.strip("/")
-                except (OSError, ValueError, AttributeError):
-                    pass  # no access to Docker's state: the short id is still a stable name
+                        name = clean_text(found.strip("/"))
+                except (OSError, ValueError, AttributeError, RecursionError):
+                    # No access to Docker's state, or state kwatt cannot read (truncated at
+                    # the bound, nested too deep): the short id is still a stable name.
+                    pass
             if len(self._docker_names) > 10000:  # bounded: churned containers age out
                 self._docker_names.clear()
             self._docker_names[container_id] = name
@@ -65,7 +69,8 @@ class HostNamer:
             return WorkloadLabels("", "", name, name, "docker")
         if identity.kind == "podman":
             return WorkloadLabels("", "", short, short, "podman")
-        return WorkloadLabels("", "", identity.name, identity.name, "systemd")
+        unit = clean_text(identity.name)  # a cgroup name may be any bytes
+        return WorkloadLabels("", "", unit, unit, "systemd")
 
     def cpu_request(self, identity: CgroupIdentity) -> float:
         return 0.0
