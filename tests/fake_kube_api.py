@@ -90,6 +90,9 @@ class FakeKubeApi:
         self.hang = False  # accept pod requests and never answer
         self.hang_watch = False  # answer watches with headers, then send nothing
         self.forbid_owners = False
+        # Serve every pod whatever the fieldSelector says, as some proxies and API
+        # aggregators do.
+        self.ignore_field_selector = False
         self.owner_fail_status: int | None = None
         self.replicasets: dict[tuple[str, str], dict[str, Any]] = {}
         self.jobs: dict[tuple[str, str], dict[str, Any]] = {}
@@ -234,6 +237,8 @@ class FakeKubeApi:
 
     def _selected(self, pod: dict[str, Any], query: dict[str, str]) -> bool:
         selector = query.get("fieldSelector", "")
+        if self.ignore_field_selector:
+            return True
         if selector.startswith("spec.nodeName="):
             return bool(pod["spec"].get("nodeName") == selector[len("spec.nodeName="):])
         return True
@@ -246,6 +251,7 @@ class FakeKubeApi:
             with self.cond:
                 self.cond.wait_for(lambda: not self.hang or self._close_watches != generation,
                                    timeout=30)
+            handler.close_connection = True  # gave up without answering: hang up
             return
         if fail is not None:
             self._json(handler, fail, self._status(fail, "InternalError", "injected failure"))

@@ -151,11 +151,11 @@ def test_chart_made_tls_secret_validates(kube_version: str, certs: Certs) -> Non
 
 
 def test_expected_objects_per_scenario() -> None:
-    base = ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "Service",
-            "ServiceAccount"]
+    base = ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "NetworkPolicy",
+            "Service", "ServiceAccount"]
     assert kinds(render("default")) == base
     assert kinds(render("prometheus-operator-values.yaml")) == sorted(
-        [*base, "NetworkPolicy", "PrometheusRule", "ServiceMonitor"])
+        [*base, "PrometheusRule", "ServiceMonitor"])
     assert kinds(render("tls-values.yaml")) == sorted([*base, "Secret", "ServiceMonitor"])
     dashboards = len(list((CHART / "files").glob("*.json")))
     assert kinds(render("dashboards-values.yaml")) == sorted(base + ["ConfigMap"] * dashboards)
@@ -557,13 +557,56 @@ def test_dashboards_become_labelled_config_maps(tmp_path: Path) -> None:
     assert {d["metadata"]["labels"]["my_dashboards"] for d in labelled} == {"yes"}
 
 
-def test_network_policy_admits_only_the_metrics_port() -> None:
-    policy = only(render("prometheus-operator-values.yaml"), "NetworkPolicy")
-    (rule,) = policy["spec"]["ingress"]
-    assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
-    assert rule["from"][0]["namespaceSelector"]["matchLabels"] == {
-        "kubernetes.io/metadata.name": "monitoring"}
+def test_network_policy_is_on_by_default_and_admits_only_prometheus() -> None:
+    """With TLS and auth off by default, the policy is what keeps other pods off /metrics:
+    the defaults admit the Prometheus pods (app.kubernetes.io/name=prometheus, as the
+    Prometheus Operator labels them) of the monitoring namespace, to the metrics port."""
+    docs = render("default")
+    policy = only(docs, "NetworkPolicy")
+    assert policy["metadata"]["namespace"] == NAMESPACE
     assert policy["spec"]["policyTypes"] == ["Ingress"]
+    # It selects exactly the exporter pods.
+    pod_labels = only(docs, "DaemonSet")["spec"]["template"]["metadata"]["labels"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector and selector.items() <= pod_labels.items()
+    (rule,) = policy["spec"]["ingress"]
+    container_ports = {p["name"] for p in exporter(docs)["ports"]}
+    assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert "metrics" in container_ports
+    # One peer: Prometheus pods AND the monitoring namespace (both in the same element).
+    assert rule["from"] == [{
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+    }]
+    for kube_version in KUBE_VERSIONS:
+        kubernetes_validate.validate(policy, kube_version, strict=True)
+
+
+def test_network_policy_selectors_are_values() -> None:
+    ours = only(render("default", "--set",
+                       "networkPolicy.namespaceSelector.matchLabels.team=observability",
+                       "--set", "networkPolicy.podSelector.matchLabels.prometheus=k8s",
+                       "--set-json", 'networkPolicy.from=[{"ipBlock":{"cidr":"10.0.0.0/8"}}]'),
+                "NetworkPolicy")
+    (rule,) = ours["spec"]["ingress"]
+    assert rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring",
+                                               "team": "observability"}},
+         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus",
+                                         "prometheus": "k8s"}}},
+        {"ipBlock": {"cidr": "10.0.0.0/8"}},
+    ]
+    # null drops a selector: pods of the release namespace only, as NetworkPolicy means it.
+    own = only(render("default", "--set", "networkPolicy.namespaceSelector=null"),
+               "NetworkPolicy")
+    assert own["spec"]["ingress"][0]["from"] == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+    # Both dropped and no extra peers: any source, which must be said, not implied.
+    anyone = only(render("default", "--set", "networkPolicy.namespaceSelector=null",
+                         "--set", "networkPolicy.podSelector=null"), "NetworkPolicy")
+    assert "from" not in anyone["spec"]["ingress"][0]
+    assert "NetworkPolicy" not in kinds(render("default", "--set",
+                                               "networkPolicy.enabled=false"))
 
 
 # --------------------------------------------------------------------------- checkov
@@ -587,9 +630,6 @@ CHECKOV_SKIPS: dict[str, frozenset[str]] = {
     "CKV_K8S_40": ROOT_CASES,
     # hostPID: only gpu.hostPID=true (shared-GPU per-process split) turns it on.
     "CKV_K8S_17": frozenset({"gpu-node-values.yaml"}),
-    # NetworkPolicy: optional (who may scrape differs per cluster); the
-    # prometheus-operator scenario enables it and passes.
-    "CKV2_K8S_6": frozenset(CASES) - {"prometheus-operator-values.yaml"},
 }
 
 

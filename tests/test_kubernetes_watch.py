@@ -300,3 +300,30 @@ def test_failing_owner_lookups_pause_instead_of_one_request_per_pod(tmp_path: Pa
     assert kinds == {(f"svc{i}", "Deployment") for i in range(20)}  # name rule meanwhile
     assert len([r for r in api.requests if r.path.startswith("/apis/")]) == 1
     assert [(f.reason, f.subject) for f in faults] == [("api", "get ReplicaSet")]
+
+
+def test_health_is_up_only_while_a_watch_is_open_or_within_the_grace() -> None:
+    from conftest import FakeClock
+    from kwatt.workloads.podwatch import WatchHealth
+
+    clock = FakeClock()
+    health = WatchHealth(grace_seconds=10.0, clock=clock)
+    assert not health.up  # nothing answered yet
+    health.answered()  # the list
+    assert health.up
+    clock.advance(11.0)
+    assert not health.up  # listed, but no watch followed
+    health.watch_opened()
+    clock.advance(3600.0)
+    assert health.up  # a quiet, open watch is fine however long
+    health.watch_closed()
+    clock.advance(9.0)
+    assert health.up  # reconnecting
+    clock.advance(2.0)
+    assert not health.up  # no watch for longer than the grace
+    health.watch_opened()
+    assert health.up
+    health.failed()
+    assert not health.up  # a failed request is down at once, grace or not
+    health.answered()
+    assert health.drain() == (True, [])

@@ -218,6 +218,20 @@ def _positive_duration(key: str, value: object) -> float:
     return parse_duration(key, value)
 
 
+# Shorter periods buy nothing and cost accuracy: a cycle reads every cgroup (11 ms of CPU
+# at 330 containers, benchmarks/bench_core.py; far more on a full node), so the sampler
+# would fall behind and charge its own CPU to the node; RAPL counters move in ~1 ms steps
+# and the CPU-time shares they are split by are noisiest over the shortest windows.
+MIN_INTERVAL_SECONDS = 0.1
+
+
+def _interval(key: str, value: object) -> float:
+    seconds = parse_duration(key, value)
+    if seconds < MIN_INTERVAL_SECONDS:
+        raise ConfigError(f"{key}: must be at least 100ms, got {value!r}")
+    return seconds
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("--web.listen-address", "web.listen_address", "listen_address", _listen_address,
             f"address for /metrics and /healthz (default {DEFAULT_LISTEN_ADDRESS})",
@@ -228,8 +242,8 @@ SETTINGS: tuple[Setting, ...] = (
             "procfs root (default /proc)", "DIR"),
     Setting("--path.sysfs", "path.sysfs", "sysfs", _string,
             "sysfs root; powercap and cgroupfs are found under it (default /sys)", "DIR"),
-    Setting("--interval", "interval", "interval_seconds", _positive_duration,
-            "sampling period, e.g. 500ms, 5s, 1m (default 5s)", "DURATION"),
+    Setting("--interval", "interval", "interval_seconds", _interval,
+            "sampling period, e.g. 500ms, 5s, 1m (default 5s, at least 100ms)", "DURATION"),
     Setting("--kubernetes", "kubernetes.mode", "kubernetes",
             lambda k, v: _choice(k, v, TRISTATE),
             "auto (in-cluster when the service-account token exists), on, off", "MODE"),
@@ -325,19 +339,114 @@ def _flatten(prefix: str, node: Mapping[str, Any], out: dict[str, Any]) -> None:
             out[path] = value
 
 
+# Bounds on every YAML file kwatt reads (--config, --web.config.file). Real files are a few
+# KiB; the bounds keep a hostile or mistaken file (50 MB, a billion laughs, 5,000 levels of
+# brackets) from hanging or crashing the start: the pure-Python parser needs about 0.2 s for
+# 256 KiB of the slowest input, and composing stops at the first node past a bound.
+MAX_YAML_BYTES = 256 * 1024
+MAX_YAML_DEPTH = 32
+MAX_YAML_NODES = 10_000
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that bounds nesting depth and nodes (each alias counts as the nodes it
+    stands for), and rejects recursive aliases and duplicate keys."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+        self._subtree_nodes: dict[int, int] = {}
+
+    def _add_nodes(self, count: int, mark: Any) -> None:
+        self._nodes += count
+        if self._nodes > MAX_YAML_NODES:
+            raise yaml.composer.ComposerError(
+                None, None, f"more than {MAX_YAML_NODES} values, counting what each alias "
+                "stands for", mark)
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event: Any = self.peek_event()  # type: ignore[no-untyped-call]
+        mark: Any = event.start_mark
+        if isinstance(event, yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            size = self._subtree_nodes.get(id(node))
+            if size is None:
+                raise yaml.composer.ComposerError(
+                    None, None, f"alias *{event.anchor} refers to a collection that "
+                    "contains it", mark)
+            self._add_nodes(size, mark)
+            return node
+        if self._depth >= MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark)
+        self._depth += 1
+        before = self._nodes
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        self._add_nodes(1, mark)
+        self._subtree_nodes[id(node)] = self._nodes - before
+        return node
+
+    def construct_mapping(self, node: yaml.MappingNode,
+                          deep: bool = False) -> dict[object, object]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # keys merged in with << may be overridden, as YAML intends
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # unhashable: SafeConstructor reports it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {_short(key)}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_file(path: str, flag: str) -> Any:
-    """Parse one YAML file; an unreadable or invalid file is a ConfigError naming the
-    flag that gave it, or the line where the YAML breaks."""
+    """Parse one YAML file within the bounds above; an unreadable, oversized, non-UTF-8 or
+    invalid file is a ConfigError naming the flag that gave it, or the line where the
+    YAML breaks."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            return yaml.safe_load(handle)
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_YAML_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{flag}: cannot read {path}: {exc.strerror}") from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_YAML_BYTES // 1024} KiB, the most "
+                          f"{flag} reads")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}: line {line}: not valid UTF-8 (byte "
+                          f"0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    loader: _BoundedLoader | None = None
+    try:
+        loader = _BoundedLoader(text)  # checks for unprintable characters
+        return loader.get_single_data()
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise ConfigError(f"{path}: line {line}: character 0x{exc.character:02x} is not "
+                          "allowed in YAML") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{path}:{where}: {problem}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 def load_yaml(path: str) -> dict[str, Any]:

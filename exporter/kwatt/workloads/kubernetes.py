@@ -157,7 +157,7 @@ def build_kubernetes(config: Config, clock: Callable[[], float] = time.monotonic
         raise ConfigError("--node-name: required when Kubernetes metadata is on")
     api_client = api_client_for(config)
     store = PodStore(config.retention_seconds, clock)
-    health = WatchHealth()
+    health = WatchHealth(settings.no_watch_grace_seconds)
     owners = ApiOwnerResolver(api_client, settings, clock, health.report)
     watcher = PodWatcher(api_client, config.node_name, store, owners,
                          config.pod_label_allowlist, settings, clock, health=health)

@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 from kwatt.ledger import WorkloadLabels
+from kwatt.text import clean_text
 from kwatt.workloads.cgroups import CgroupIdentity
 from kwatt.workloads.naming import POD_SANDBOX_CONTAINER, HostNamer
 
@@ -127,9 +128,16 @@ class PodRecord:
         return 0.0
 
 
+def _label(value: object) -> str:
+    """An API string as a label value: JSON may carry lone surrogates ("\\ud800"), which
+    would make the whole exposition unencodable; they become U+FFFD."""
+    return clean_text(str(value))
+
+
 def pod_record(pod: Mapping[str, Any], owners: OwnerResolver,
                label_allowlist: tuple[str, ...]) -> PodRecord | None:
-    """The parts of a Pod object kwatt uses; None when it has no uid."""
+    """The parts of a Pod object kwatt uses, every string label-safe; None when it has no
+    uid."""
     metadata = pod.get("metadata") or {}
     uid = metadata.get("uid")
     if not isinstance(uid, str) or not uid:
@@ -141,7 +149,7 @@ def pod_record(pod: Mapping[str, Any], owners: OwnerResolver,
         for entry in status.get(key) or []:
             if not isinstance(entry, Mapping):
                 continue
-            cname = str(entry.get("name", ""))
+            cname = _label(entry.get("name", ""))
             # A restarted container's previous cgroup may still be retained in the ledger.
             last = (entry.get("lastState") or {}).get("terminated") or {}
             for raw in (last.get("containerID"), entry.get("containerID")):
@@ -158,15 +166,16 @@ def pod_record(pod: Mapping[str, Any], owners: OwnerResolver,
             if isinstance(raw_cpu, int | float) and not isinstance(raw_cpu, bool):
                 cores = float(raw_cpu)
             if cores is not None and cores > 0:
-                requests.append((str(entry.get("name", "")), cores))
+                requests.append((_label(entry.get("name", "")), cores))
     labels = metadata.get("labels") or {}
-    allowed = tuple((k, str(labels[k])) for k in label_allowlist
+    allowed = tuple((k, _label(labels[k])) for k in label_allowlist
                     if isinstance(labels, Mapping) and k in labels)
     owner = owners.resolve(pod)
     return PodRecord(
-        uid=uid, namespace=str(metadata.get("namespace", "")),
-        name=str(metadata.get("name", "")), workload=owner.name, workload_kind=owner.kind,
-        qos_class=str(status.get("qosClass", "")), labels=allowed,
+        uid=_label(uid), namespace=_label(metadata.get("namespace", "")),
+        name=_label(metadata.get("name", "")), workload=_label(owner.name),
+        workload_kind=_label(owner.kind),
+        qos_class=_label(status.get("qosClass", "")), labels=allowed,
         containers=tuple(sorted(containers.items())), cpu_requests=tuple(requests),
         resource_version=str(metadata.get("resourceVersion", "")))
 

@@ -10,14 +10,20 @@ Protocol (the same as client-go's reflector, kept small):
   step; each event (and each bookmark) advances the resourceVersion, so a reconnect resumes
   without a relist;
 * 410 Gone (an ERROR event or an HTTP status) means the resourceVersion is too old: relist;
-* other errors: exponential backoff with jitter, at most ``max_attempts_per_window``
-  requests per ``attempt_window_seconds`` whatever happens;
+* other errors: exponential backoff with jitter; whatever happens, requests pass a token
+  bucket: a burst of at most ``max_attempts_per_window``, then one per
+  ``attempt_window_seconds / max_attempts_per_window`` (5 s by default), so a burst of
+  reconnects delays the next watch by seconds, not by a whole window;
 * every request carries a client-side timeout: a connect timeout and a read timeout that is
   the longest silence accepted on a watch (the API server sends a bookmark about every
   minute), so a hung connection is noticed, counted as a ``timeout`` fault and replaced.
 
+* the API server is trusted to apply the fieldSelector but not relied on: pods of other
+  nodes (a proxy or aggregator that drops the selector) are dropped and logged.
+
 While the API is unreachable the index keeps the last mapping. Health is read by the sampler
-each cycle through ``KubernetesHealthStage`` (kubernetes.py).
+each cycle through ``KubernetesHealthStage`` (kubernetes.py): up while a watch is open, or
+within ``no_watch_grace_seconds`` of the last answer; down at once when a request fails.
 """
 
 from __future__ import annotations
@@ -62,6 +68,9 @@ class WatchSettings:
     owner_error_retry_seconds: float = 60.0  # after a 5xx or timeout: name rules meanwhile
     # A watch that stayed up this long resets the backoff.
     healthy_after_seconds: float = 10.0
+    # With no watch open this long after the last answer (a reconnect that waits for the
+    # request gate, or a request that hangs before its headers), the source is down.
+    no_watch_grace_seconds: float = 10.0
 
 
 DEFAULT_WATCH_SETTINGS = WatchSettings()
@@ -178,39 +187,81 @@ class ApiOwnerResolver(OwnerResolver):
 def _is_timeout(exc: BaseException) -> bool:
     if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
         return _is_timeout(exc.reason)
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):
+        # Refused, unreachable or unresolvable: urllib3 makes it a ConnectTimeoutError
+        # subclass for compatibility only; nothing timed out.
+        return False
     return isinstance(exc, urllib3.exceptions.TimeoutError | TimeoutError)
 
 
 class WatchHealth:
     """What the watcher thread tells the sampler thread: up or down, and faults since the
-    last ``drain``."""
+    last ``drain``.
 
-    def __init__(self) -> None:
+    Up means the pod index is being kept current: a watch is open, or the API answered
+    within ``grace_seconds`` (a list, or the moments between one watch and the next). A
+    failed request makes it down at once; so does no watch for longer than the grace,
+    whatever the reason (the request gate, a request that hangs before its headers).
+    """
+
+    def __init__(self, grace_seconds: float = DEFAULT_WATCH_SETTINGS.no_watch_grace_seconds,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._grace = grace_seconds
+        self._clock = clock
         self._lock = threading.Lock()
         self._faults: list[Fault] = []
-        self._up = False
+        self._failing = False
+        self._watch_open = False
+        self._last_answer: float | None = None  # an answer, or the end of a watch
+        self._reported_up = False
 
     def report(self, fault: Fault) -> None:
         with self._lock:
             if len(self._faults) < 1000:  # bounded if nobody drains (no sampler yet)
                 self._faults.append(fault)
 
-    def set_up(self, up: bool) -> None:
+    def answered(self) -> None:
+        """A list page or a watch request was answered."""
         with self._lock:
-            if up != self._up:
-                log.info("kubernetes API %s", "reachable" if up else "unreachable",
-                         extra={"source": SOURCE})
-            self._up = up
+            self._failing = False
+            self._last_answer = self._clock()
+
+    def watch_opened(self) -> None:
+        with self._lock:
+            self._failing = False
+            self._watch_open = True
+            self._last_answer = self._clock()
+
+    def watch_closed(self) -> None:
+        with self._lock:
+            if self._watch_open:
+                self._last_answer = self._clock()
+            self._watch_open = False
+
+    def failed(self) -> None:
+        with self._lock:
+            self._failing = True
+
+    def _evaluate(self) -> bool:
+        up = not self._failing and (self._watch_open or (
+            self._last_answer is not None
+            and self._clock() - self._last_answer <= self._grace))
+        if up != self._reported_up:
+            self._reported_up = up
+            log.info("kubernetes API %s", "reachable" if up else "unreachable",
+                     extra={"source": SOURCE, "watch_open": self._watch_open})
+        return up
 
     @property
     def up(self) -> bool:
-        return self._up
+        with self._lock:
+            return self._evaluate()
 
     def drain(self) -> tuple[bool, list[Fault]]:
         """(source up, faults since the last call)."""
         with self._lock:
             faults, self._faults = self._faults, []
-            return self._up, faults
+            return self._evaluate(), faults
 
 
 class PodWatcher:
@@ -223,6 +274,7 @@ class PodWatcher:
                  rng: random.Random | None = None,
                  health: WatchHealth | None = None) -> None:
         self._api = ApiRequests(api_client)
+        self._node = node_name
         self._selector = f"spec.nodeName={node_name}"
         self._store = store
         self._owners = owners
@@ -230,16 +282,19 @@ class PodWatcher:
         self._settings = settings
         self._clock = clock
         self._rng = rng or random.Random()
-        self.health = health or WatchHealth()
+        self.health = health or WatchHealth(settings.no_watch_grace_seconds)
         self._faultlog = RateLimitedLog(log, every=60.0)
+        self._foreignlog = RateLimitedLog(log, every=600.0)
         self._stop = threading.Event()
-        self._attempts: collections.deque[float] = collections.deque()
+        self._tokens = float(settings.max_attempts_per_window)
+        self._tokens_at = time.monotonic()
         self._active_watch: Any = None
         self._thread: threading.Thread | None = None
         self.resource_version: str | None = None
         self.lists = 0
         self.watches = 0
         self.events = 0
+        self.foreign_pods_dropped = 0  # pods of other nodes the API sent anyway
 
     def report(self, fault: Fault) -> None:
         self.health.report(fault)
@@ -264,16 +319,20 @@ class PodWatcher:
     # -- the loop -------------------------------------------------------------------------
 
     def _gate(self) -> bool:
-        """Wait until another request fits in the attempt window; False when stopping."""
+        """Wait for a request token; False when stopping. A token bucket, not a window:
+        after a burst the next request waits one refill (5 s by default), where a full
+        window would keep the watch closed for most of a minute."""
         settings = self._settings
+        capacity = float(settings.max_attempts_per_window)
+        per_second = capacity / settings.attempt_window_seconds
         while not self._stop.is_set():
             now = time.monotonic()
-            while self._attempts and now - self._attempts[0] >= settings.attempt_window_seconds:
-                self._attempts.popleft()
-            if len(self._attempts) < settings.max_attempts_per_window:
-                self._attempts.append(now)
+            self._tokens = min(capacity, self._tokens + (now - self._tokens_at) * per_second)
+            self._tokens_at = now
+            if self._tokens >= 1.0:
+                self._tokens -= 1.0
                 return True
-            self._stop.wait(settings.attempt_window_seconds - (now - self._attempts[0]))
+            self._stop.wait((1.0 - self._tokens) / per_second)
         return False
 
     def run(self) -> None:
@@ -284,7 +343,6 @@ class PodWatcher:
             try:
                 if self.resource_version is None:
                     self.resource_version = self._list(consistent=self.lists > 0)
-                    self.health.set_up(True)
                 self._watch()
                 if time.monotonic() - started >= settings.healthy_after_seconds:
                     failures = 0
@@ -299,14 +357,14 @@ class PodWatcher:
                     break
                 fault = _fault_for(exc)
                 self.report(fault)
-                self.health.set_up(False)
+                self.health.failed()
                 self._faultlog.log(logging.WARNING, fault.reason, "pod list/watch failed",
                                    source=SOURCE, reason=fault.reason, detail=fault.detail)
             failures += 1
             delay = min(settings.backoff_max_seconds,
                         settings.backoff_initial_seconds * 2 ** min(failures - 1, 30))
             self._stop.wait(delay * self._rng.uniform(0.5, 1.0))
-        self.health.set_up(False)
+        self.health.failed()
 
     def _list(self, consistent: bool) -> str:
         """Full list of this node's pods; returns the list's resourceVersion."""
@@ -333,8 +391,9 @@ class PodWatcher:
                     raise GoneError from exc
                 raise
             body = json.loads(response.data)
+            self.health.answered()
             for item in body.get("items") or []:
-                if isinstance(item, Mapping):
+                if isinstance(item, Mapping) and self._on_this_node(item):
                     record = pod_record(item, self._owners, self._allowlist)
                     if record is not None:
                         records.append(record)
@@ -359,7 +418,7 @@ class PodWatcher:
             "fieldSelector": self._selector, "watch": "true", "allowWatchBookmarks": "true",
             "resourceVersion": resource_version, "timeoutSeconds": timeout_seconds,
         }, _request_timeout)
-        self.health.set_up(True)
+        self.health.watch_opened()
         return response
 
     def _watch(self) -> None:
@@ -391,6 +450,20 @@ class PodWatcher:
             raise
         finally:
             self._active_watch = None
+            self.health.watch_closed()
+
+    def _on_this_node(self, pod: Mapping[str, Any]) -> bool:
+        """The fieldSelector, applied again: an API or proxy that ignores it would make
+        every pod of the cluster a kwatt_pod_info series on every node."""
+        spec = pod.get("spec")
+        if isinstance(spec, Mapping) and spec.get("nodeName") == self._node:
+            return True
+        self.foreign_pods_dropped += 1
+        self._foreignlog.log(
+            logging.WARNING, "foreign", "the API sent pods of other nodes despite "
+            f"fieldSelector={self._selector}; dropping them", source=SOURCE,
+            node=self._node, dropped_total=self.foreign_pods_dropped)
+        return False
 
     def _apply(self, event: Mapping[str, Any]) -> None:
         kind = event.get("type")
@@ -399,7 +472,7 @@ class PodWatcher:
             return
         metadata = obj.get("metadata") or {}
         version = metadata.get("resourceVersion") if isinstance(metadata, Mapping) else None
-        if kind in ("ADDED", "MODIFIED", "DELETED"):
+        if kind in ("ADDED", "MODIFIED", "DELETED") and self._on_this_node(obj):
             record = pod_record(obj, self._owners, self._allowlist)
             if record is not None:
                 if kind == "DELETED":
