@@ -171,12 +171,11 @@ class Sampler:
             cgroups = scan.cgroups
             faults.extend(scan.faults)
 
+        dt = None if self._previous_time is None else now - self._previous_time
         zone_deltas: dict[RaplZone, float] = {}
         if rapl_reading is not None:
-            zone_deltas, wrap_faults = self._rapl_counters.advance(rapl_reading)
+            zone_deltas, wrap_faults = self._rapl_counters.advance(rapl_reading, dt)
             faults.extend(wrap_faults)
-
-        dt = None if self._previous_time is None else now - self._previous_time
         utilisation: float | None = None
         node_busy_seconds = 0.0
         if cpu_times is not None and self._previous_cpu is not None:
