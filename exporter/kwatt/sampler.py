@@ -53,6 +53,12 @@ class StageResult:
     splits: Sequence[ComponentSplit[Hashable]] = ()  # booked like CPU/DRAM splits
     faults: Sequence[Fault] = ()
     source_up: Mapping[str, bool] = field(default_factory=dict)
+    # Average power per (component, source) over the stage's own readings, each stamped
+    # when it was taken. Splits without an entry here are divided by the cycle's dt.
+    watts: Mapping[tuple[str, str], float] = field(default_factory=dict)
+    # What the stage's collector renders, published together with the ledger's snapshot
+    # at the end of the cycle so that a scrape never mixes two cycles. None: nothing.
+    snapshot: object | None = None
 
 
 class EnergyStage(Protocol):
@@ -65,6 +71,15 @@ class EnergyStage(Protocol):
 
     def sample(self, now: float,
                workloads: Mapping[CgroupIdentity, WorkloadLabels | None]) -> StageResult: ...
+
+
+@dataclass(frozen=True)
+class PublishedCycle:
+    """One completed cycle as scrapes see it: the ledger's snapshot and, per stage (in
+    stage order), the snapshot its collector renders. Replaced as a whole, never edited."""
+
+    ledger: LedgerSnapshot = field(default_factory=LedgerSnapshot)
+    stages: tuple[object | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -88,7 +103,7 @@ class Sampler:
         self._clock = clock
         self._include_host_units = include_host_units
         self.ledger = EnergyLedger(config.retention_seconds, config.max_retained_containers)
-        self._snapshot = LedgerSnapshot()
+        self._published = PublishedCycle(stages=(None,) * len(self._stages))
         self._faultlog = RateLimitedLog(log)
         self._rapl_counters = RaplCounters()
         self._zones: list[RaplZone] = []
@@ -150,7 +165,18 @@ class Sampler:
     # -- one cycle ------------------------------------------------------------------------
 
     def snapshot(self) -> LedgerSnapshot:
-        return self._snapshot
+        return self._published.ledger
+
+    def published(self) -> PublishedCycle:
+        """The last completed cycle; a scrape takes it once and renders everything from it."""
+        return self._published
+
+    def _publish(self, stages: Sequence[object | None] | None = None) -> None:
+        """Publish the ledger with the stages' snapshots of the same cycle (None: keep the
+        previous ones, for a cycle whose stages did not run)."""
+        self._published = PublishedCycle(
+            self.ledger.snapshot(),
+            self._published.stages if stages is None else tuple(stages))
 
     def sample(self) -> CycleReport:
         started = time.perf_counter()
@@ -205,8 +231,10 @@ class Sampler:
                         workload_joules[key] = workload_joules.get(key, 0.0) + joules
                 report_watts[(energy.component, energy.source)] = energy.joules / dt
         identities = {k: v for k, v in present.items() if isinstance(k, CgroupIdentity)}
+        stage_snapshots: list[object | None] = []
         for stage in self._stages:
             result = stage.sample(now, identities)
+            stage_snapshots.append(result.snapshot)
             faults.extend(result.faults)
             for source, up in result.source_up.items():
                 self.ledger.set_source_up(source, up)
@@ -214,10 +242,12 @@ class Sampler:
                 self.ledger.add_split(split)
                 for key, joules in split.to_workloads.items():
                     workload_joules[key] = workload_joules.get(key, 0.0) + joules
-                if dt:
+                if dt and (split.component, split.source) not in result.watts:
                     report_watts[(split.component, split.source)] = (
                         report_watts.get((split.component, split.source), 0.0)
                         + split.joules / dt)
+            for key, watts in result.watts.items():
+                report_watts[key] = report_watts.get(key, 0.0) + watts
         if dt is not None and dt > 0:
             self.ledger.node_power = dict(report_watts)
 
@@ -235,7 +265,7 @@ class Sampler:
         estimating = any(source == estimation.SOURCE for _, source in report_watts)
         self._publish_health(faults, rapl_reading is not None, estimating)
         self.ledger.observe_cycle(time.perf_counter() - started, now)
-        self._snapshot = self.ledger.snapshot()
+        self._publish(stage_snapshots)
         return CycleReport(dt, utilisation, report_watts,
                            {k: j / dt for k, j in workload_joules.items()} if dt else {})
 
