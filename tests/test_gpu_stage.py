@@ -447,3 +447,36 @@ def test_gpu_power_is_right_when_the_kubelet_answers_slowly(sim, clock: FakeCloc
         assert report.node_watts[("gpu", "nvml")] == pytest.approx(watts, rel=0.02), cycle
         node_power = {(comp, src): w for comp, src, w in sampler.snapshot().node_power}
         assert node_power[("gpu", "nvml")] == pytest.approx(watts, rel=0.02), cycle
+
+
+def test_undecodable_proc_cgroup_affects_only_that_pid(sim, clock: FakeClock) -> None:
+    """A /proc/<pid>/cgroup that is not UTF-8 used to raise out of every sampler cycle."""
+    node: SimulatedNode = sim()
+    namer = NamesNamer()
+    c = _cluster(node, namer)
+    run_process(node, 101, c["trainer"].path)
+    bad = node.procfs / "102"
+    bad.mkdir()
+    (bad / "cgroup").write_bytes(b"0::/system.slice/caf\xe9-\xff.service\n1:name=\xc3(:/x\n")
+    assert identity_of_pid(str(node.procfs), 102) == identify_cgroup_path(
+        "/system.slice/caf\ufffd-\ufffd.service")
+    fake = FakeNvml([FakeGpu("GPU-0", utilisation_percent=90, compute_pids=[101, 102])])
+    reader = GpuReader(fake, clock)
+    reader.start()
+    stage = GpuStage(reader, None, str(node.procfs))
+    sampler = Sampler(node_config(node), namer, clock=clock, stages=[stage])
+    sampler.sample()
+    fake.gpus[0].energy_mj += 1_000_000
+    fake.gpus[0].samples = [ProcessSample(101, 60, 1), ProcessSample(102, 20, 1)]
+    node.add_node_cpu(idle_seconds=40)
+    clock.advance(10)
+    sampler.sample()
+    containers, unattributed, total = gpu_energy(sampler.snapshot())
+    assert total == pytest.approx(1000.0)
+    # Both processes were placed: the unit with the odd name got its share. It has no
+    # cgroup on this simulated node, so its account expired into namespace "".
+    snap = sampler.snapshot()
+    unit_joules = dict(((n, c), j) for n, c, j in snap.namespace_energy)[("", "gpu")]
+    trainer = containers[("ml", "train-0", "trainer")]
+    assert 0 < unit_joules < trainer
+    assert trainer + unit_joules + sum(unattributed.values()) == pytest.approx(total)

@@ -33,6 +33,7 @@ from kwatt.logs import RateLimitedLog
 from kwatt.sampler import StageResult
 from kwatt.sources import nvml
 from kwatt.sources.nvml import GpuReader, GpuReading, NvmlBackend
+from kwatt.text import decode_bytes
 from kwatt.workloads import podresources
 from kwatt.workloads.cgroups import CgroupIdentity, identify_cgroup_path
 from kwatt.workloads.podresources import DeviceAllocation, PodResourcesClient, parse_device_id
@@ -51,10 +52,13 @@ class GpuUnavailable(Exception):
 
 
 def identity_of_pid(procfs: str, pid: int) -> CgroupIdentity | None:
-    """The workload cgroup of a process, from ``<procfs>/<pid>/cgroup`` (v1 or v2)."""
+    """The workload cgroup of a process, from ``<procfs>/<pid>/cgroup`` (v1 or v2).
+
+    Cgroup names need not be UTF-8: undecodable bytes become U+FFFD (kwatt.text), as in the
+    cgroup scan, so one odd unit name affects only the PIDs in it, never the cycle."""
     try:
-        with open(os.path.join(procfs, str(pid), "cgroup"), encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
+        with open(os.path.join(procfs, str(pid), "cgroup"), "rb") as handle:
+            lines = decode_bytes(handle.read()).splitlines()
     except OSError:
         return INVISIBLE
     unified, accounting, rest = [], [], []
