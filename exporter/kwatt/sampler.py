@@ -127,16 +127,28 @@ class Sampler:
         cfg = self._config
         zones, faults = discover_rapl_zones(cfg.sysfs)
         reading = read_rapl_zones(zones)
-        faults.extend(reading.faults)
+        readable = [z.zone for z in zones if z in reading.energy_uj]
+        by_design = bool(zones) and not readable and all(
+            f.reason == "permission" for f in reading.faults)
+        if by_design:
+            # Every zone is root-only (non-root mode, kernels since CVE-2020-8694): kwatt
+            # decides here not to use RAPL. That is a choice, not an outage, so it is said
+            # once and RAPL is neither read, nor counted, nor exported as down afterwards.
+            log.warning("RAPL is not used: every energy_uj is unreadable for this user "
+                        "(permission); run as root to measure", extra={
+                            "zones": ",".join(z.zone for z in zones)})
+            zones = []
+        else:
+            faults.extend(reading.faults)
         self._zones = zones
         for fault in faults:
             self._report(fault)
-        readable = [z.zone for z in zones if z in reading.energy_uj]
         if readable:
             log.info("reading RAPL energy counters", extra={"zones": ",".join(readable)})
         else:
-            why = "no powercap intel-rapl zones" if not zones else \
-                "no RAPL zone is readable (" + faults[0].reason + ")"
+            why = ("no RAPL zone is readable for this user" if by_design
+                   else "no powercap intel-rapl zones" if not zones
+                   else "no RAPL zone is readable (" + faults[0].reason + ")")
             log.warning(
                 "energy is estimated: %s under %s; using the linear per-vCPU model "
                 "(%.2f-%.2f W per vCPU); node series carry source=estimated",
