@@ -122,6 +122,24 @@ def test_ceiling_comes_from_the_zones_own_power_limits(sim, clock: FakeClock) ->
     assert _errors(snap)[("rapl", "implausible")] == 1
 
 
+def test_power_limit_raised_at_runtime_is_honoured(sim, clock: FakeClock) -> None:
+    """A step above the discovery-time ceiling re-reads the zone's limits once: an
+    administrator who raised PL1 must not lose measurement for good."""
+    node, path = _busy_node(sim)
+    zone_dir = node.sysfs / "class" / "powercap" / "intel-rapl:0"
+    (zone_dir / "constraint_0_power_limit_uw").write_text("80000000\n")
+    sampler = Sampler(node_config(node), HostNamer(), clock=clock)
+    sampler.sample()
+    (zone_dir / "constraint_0_power_limit_uw").write_text("300000000\n")  # raised to 300 W
+    snap = _step(node, path, clock, sampler, joules=250.0)
+    assert _node(snap)[("cpu", "rapl")] == pytest.approx(250.0)
+    snap = _step(node, path, clock, sampler, joules=590.0)  # under the new 600 W ceiling
+    assert _node(snap)[("cpu", "rapl")] == pytest.approx(840.0)
+    snap = _step(node, path, clock, sampler, joules=700.0)  # above it: still implausible
+    assert _node(snap)[("cpu", "rapl")] == pytest.approx(840.0)
+    assert _errors(snap)[("rapl", "implausible")] == 1
+
+
 def test_zone_without_limits_uses_the_documented_bound(sim) -> None:
     node, _ = _busy_node(sim)
     node.add_rapl_zone("0:0", "dram")

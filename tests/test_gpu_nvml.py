@@ -83,6 +83,17 @@ def test_energy_jump_above_the_ceiling_books_nothing(clock: FakeClock, limit_mw:
     assert read_at(reader, clock, 4.0, want_pids=False).gpus[0].joules == 100.0
 
 
+def test_power_limit_raised_at_runtime_is_honoured(clock: FakeClock) -> None:
+    fake = FakeNvml([FakeGpu("GPU-0", power_limit_mw=300_000)])  # ceiling 600 W
+    reader = GpuReader(fake, clock)
+    reader.start()
+    read_at(reader, clock, 0.0, want_pids=False)
+    fake.gpus[0].power_limit_mw = 700_000  # nvidia-smi -pl 700: ceiling 1400 W
+    fake.gpus[0].energy_mj += 1_000_000
+    cycle = read_at(reader, clock, 1.0, want_pids=False)
+    assert cycle.gpus[0].joules == 1000.0 and cycle.faults == ()
+
+
 def test_integrated_power_above_the_ceiling_books_nothing(clock: FakeClock) -> None:
     fake = FakeNvml([FakeGpu("GPU-0", has_energy_counter=False, power_mw=300_000,
                              power_limit_mw=400_000)])

@@ -14,11 +14,16 @@ range: at any sampling interval shorter than the wrap period that implies a powe
 the ceiling, and the ceiling catches it. The caller counts an implausible step as a fault
 (reason ``implausible``), re-baselines on the new reading and books nothing for that
 interval: the component falls back to what it would do after a failed read.
+
+Every new counter source (hwmon ``energy*_input``, a BMC's energy register, ...) states its
+``CounterLimits`` and calls ``checked_step``; nothing else turns counter readings into
+joules.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 # How far a counter's own limit (a powercap constraint, an NVML power limit) may be exceeded
 # over one interval before a step is implausible. Limits are averages over their own time
@@ -49,6 +54,7 @@ class CounterStep:
     joules: float | None
     problem: str | None = None
     wrapped: bool = False
+    over_ceiling: bool = False  # rejected only for the power it implies
 
 
 def counter_step(previous: int, current: int, dt: float | None,
@@ -77,8 +83,23 @@ def counter_step(previous: int, current: int, dt: float | None,
         how = "wrap" if wrapped else "jump"
         return CounterStep(None, f"{how} from {previous} to {current} implies "
                                  f"{joules / dt:.0f} W over {dt:.3g} s, above the "
-                                 f"{limits.ceiling_watts:.0f} W ceiling")
+                                 f"{limits.ceiling_watts:.0f} W ceiling", wrapped, True)
     return CounterStep(joules, None, wrapped)
+
+
+def checked_step(previous: int, current: int, dt: float | None, limits: CounterLimits,
+                 current_ceiling: Callable[[], float]) -> tuple[CounterStep, float]:
+    """``counter_step``; a step rejected only for its power is judged once more against
+    ``current_ceiling()``, the ceiling re-derived from the device's limits as they are now
+    (an administrator may have raised a power limit since discovery). Returns the step and
+    the ceiling to use from now on. Rejections are rare, so the re-read costs nothing."""
+    step = counter_step(previous, current, dt, limits)
+    if not step.over_ceiling:
+        return step, limits.ceiling_watts
+    fresh = current_ceiling()
+    if fresh <= limits.ceiling_watts:
+        return step, limits.ceiling_watts
+    return counter_step(previous, current, dt, replace(limits, ceiling_watts=fresh)), fresh
 
 
 def ceiling_from_limits(limits_watts: list[float], bound_watts: float) -> float:

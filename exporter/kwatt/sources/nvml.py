@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from kwatt.counters import CounterLimits, ceiling_from_limits, counter_step
+from kwatt.counters import CounterLimits, ceiling_from_limits, checked_step
 from kwatt.faults import Fault
 
 SOURCE = "nvml"
@@ -187,14 +187,18 @@ class GpuReader:
         if len(faults) > before:
             return False
         gpu.index, gpu.model, gpu.mig_enabled = int(index), str(model), bool(mig)
-        try:
-            self._calls += 1
-            limits = [b.power_limit_mw(gpu.uuid) / 1000.0]
-        except NvmlCallError:
-            limits = []  # the limit only narrows the ceiling; without it the bound applies
-        gpu.ceiling_watts = ceiling_from_limits(limits, GPU_BOUND_WATTS)
+        gpu.ceiling_watts = self._current_ceiling(gpu)
         gpu.static_known = True
         return True
+
+    def _current_ceiling(self, gpu: _GpuState) -> float:
+        """Twice the enforced power limit as it is now, at most ``GPU_BOUND_WATTS``."""
+        try:
+            self._calls += 1
+            limits = [self._backend.power_limit_mw(gpu.uuid) / 1000.0]
+        except NvmlCallError:
+            limits = []  # the limit only narrows the ceiling; without it the bound applies
+        return ceiling_from_limits(limits, GPU_BOUND_WATTS)
 
     def read(self, want_pids: bool) -> NvmlCycle:
         """One reading of every GPU. ``want_pids``: also list compute processes (host mode)."""
@@ -297,8 +301,10 @@ class GpuReader:
                     return None, "counter", read_at
                 dt = None if gpu.last_time is None else read_at - gpu.last_time
                 # A 64-bit counter in mJ never wraps: going back is a reset, never a wrap.
-                step = counter_step(previous, mj, dt,
-                                    CounterLimits(1e-3, gpu.ceiling_watts, None))
+                # A limit raised since discovery (nvidia-smi -pl) is re-read on rejection.
+                step, gpu.ceiling_watts = checked_step(
+                    previous, mj, dt, CounterLimits(1e-3, gpu.ceiling_watts, None),
+                    lambda: self._current_ceiling(gpu))
                 if step.problem is not None:
                     implausible.append(Fault(SOURCE, "implausible", gpu.uuid,
                                              f"total_energy_mj: {step.problem}"))
@@ -312,6 +318,8 @@ class GpuReader:
             return None, "power", read_at
         # Trapezoid over the interval: both ends are ~1 s averages NVML keeps for us.
         watts = max((previous_mw + int(mw)) / 2.0 / 1000.0, 0.0)
+        if watts > gpu.ceiling_watts:
+            gpu.ceiling_watts = max(gpu.ceiling_watts, self._current_ceiling(gpu))
         if watts > gpu.ceiling_watts:
             implausible.append(Fault(SOURCE, "implausible", gpu.uuid,
                                      f"power_mw: {watts:.0f} W is above the "

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from kwatt.counters import CounterLimits, ceiling_from_limits, counter_step
+from kwatt.counters import CounterLimits, ceiling_from_limits, checked_step
 from kwatt.faults import Fault, reason_for_oserror
 
 SOURCE = "rapl"
@@ -45,8 +45,10 @@ class RaplZone:
     max_energy_range_uj: int | None
     ceiling_watts: float = UNKNOWN_ZONE_BOUND_WATTS  # see kwatt.counters
 
-    def limits(self) -> CounterLimits:
-        return CounterLimits(1e-6, self.ceiling_watts, self.max_energy_range_uj)
+    def current_ceiling(self) -> float:
+        """The ceiling from the zone's power limits as they are now (they can be raised at
+        runtime); read only when a step was rejected for its power."""
+        return zone_ceiling(os.path.dirname(self.energy_path), self.kind)
 
 
 @dataclass(frozen=True)
@@ -111,11 +113,15 @@ def discover_rapl_zones(sysfs: str) -> tuple[list[RaplZone], list[Fault]]:
                                 f"{max_range} is outside {MAX_ENERGY_RANGE_UJ[0]}.."
                                 f"{MAX_ENERGY_RANGE_UJ[1]}; wraps will not be corrected"))
             max_range = None
-        ceiling = ceiling_from_limits(_power_limits_watts(zone_dir),
-                                      BOUND_WATTS.get(kind, UNKNOWN_ZONE_BOUND_WATTS))
         zones.append(RaplZone(label, index, kind, os.path.join(zone_dir, "energy_uj"),
-                              max_range, ceiling))
+                              max_range, zone_ceiling(zone_dir, kind)))
     return zones, faults
+
+
+def zone_ceiling(zone_dir: str, kind: str) -> float:
+    """Twice the highest power limit the zone states, at most the documented bound."""
+    return ceiling_from_limits(_power_limits_watts(zone_dir),
+                               BOUND_WATTS.get(kind, UNKNOWN_ZONE_BOUND_WATTS))
 
 
 def _power_limits_watts(zone_dir: str) -> list[float]:
@@ -173,6 +179,8 @@ class RaplCounters:
 
     def __init__(self) -> None:
         self._previous: dict[RaplZone, int] = {}
+        # Ceilings re-derived after discovery because a power limit was raised at runtime.
+        self._ceilings: dict[RaplZone, float] = {}
 
     def advance(self, reading: RaplReading, dt: float | None
                 ) -> tuple[dict[RaplZone, float], list[Fault]]:
@@ -186,7 +194,10 @@ class RaplCounters:
             self._previous[zone] = value
             if previous is None:
                 continue
-            step = counter_step(previous, value, dt, zone.limits())
+            limits = CounterLimits(1e-6, self._ceilings.get(zone, zone.ceiling_watts),
+                                   zone.max_energy_range_uj)
+            step, self._ceilings[zone] = checked_step(previous, value, dt, limits,
+                                                      zone.current_ceiling)
             if step.problem is not None:
                 faults.append(Fault(SOURCE, "implausible", f"{zone.zone} energy_uj",
                                     step.problem))
