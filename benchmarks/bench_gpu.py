@@ -24,8 +24,8 @@ from kwatt.config import load_config
 from kwatt.gpu_stage import GpuStage
 from kwatt.sampler import EnergyStage, Sampler
 from kwatt.sources.nvml import GpuReader, ProcessSample
-from kwatt.sources.nvml_fake import FakeGpu, FakeNvml
 from kwatt.workloads.podresources import PodResourcesClient
+from nvml_fake import FakeGpu, FakeNvml
 from podresources_server import Allocation, PodResourcesServer
 from simnode import SimulatedNode, container_id, pod_uid
 from test_gpu_stage import NamesNamer, run_process
@@ -92,7 +92,7 @@ def measure(root: Path, cycles: int, mode: str) -> tuple[list[float], int]:
     server = None
     client = None
     if mode != "none":
-        reader = GpuReader(fake)
+        reader = GpuReader(fake, clock)
         reader.start()
         if mode == "kubelet":
             server = PodResourcesServer(str(root / "kubelet.sock")).start()

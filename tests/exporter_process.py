@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from simnode import SimulatedNode
@@ -18,11 +19,13 @@ _COUNT = re.compile(r"^kwatt_sample_duration_seconds_count\{[^}]*\} (\S+)$", re.
 
 class ExporterProcess:
     def __init__(self, node: SimulatedNode, *extra: str, interval: str = "1s",
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, wrapper: Sequence[str] = ()) -> None:
+        """``wrapper``: a command the exporter runs under (e.g. ``unshare`` for a user
+        namespace in which root cannot read files owned by an unmapped user)."""
         self.log_path = log_path or node.root.parent / "exporter.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kwatt", "--path.sysfs", str(node.sysfs),
+            [*wrapper, sys.executable, "-m", "kwatt", "--path.sysfs", str(node.sysfs),
              "--path.procfs", str(node.procfs), "--kubernetes", "off", "--gpu", "off",
              "--interval", interval, "--web.listen-address", "127.0.0.1:0",
              "--node-name", "e2e", *extra],

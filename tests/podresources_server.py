@@ -1,12 +1,15 @@
 """A real kubelet PodResources v1 gRPC server on a unix socket, for tests.
 
 It serves whatever allocations the test puts in ``allocations`` (mutable between calls) and
-can be told to hang, to exercise the client's per-call deadline.
+can be told to hang, to exercise the client's per-call deadline, or to take time over each
+``List`` (``on_list`` runs before it answers: a test advances its fake clock there, so a
+slow kubelet is modelled without depending on wall-clock speed).
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,9 +35,12 @@ class Lister(pb_grpc.PodResourcesListerServicer):  # type: ignore[misc]
     hang: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
     calls: int = 0
+    on_list: Callable[[], None] | None = None
 
     def List(self, request: Any, context: Any) -> Any:
         self.calls += 1
+        if self.on_list is not None:
+            self.on_list()
         if self.hang.is_set():
             self.release.wait(10)
         pods: dict[tuple[str, str], Any] = {}

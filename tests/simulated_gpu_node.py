@@ -1,6 +1,6 @@
 """A simulated GPU node served by the exporter's own assembly, in this process.
 
-The CLI cannot take a fake NVML (kwatt.sources.nvml_fake is never chosen by a flag), so
+The CLI cannot take a fake NVML (tests/nvml_fake.py is never chosen by a flag), so
 this builds ``kwatt.exporter.Exporter`` - the object ``kwatt.__main__.main`` runs - with
 ``FakeNvml`` injected, around a real kubelet PodResources gRPC server on a unix socket and
 the fake Kubernetes API. Everything after NVML is kwatt's real code: the Kubernetes watch,
@@ -24,7 +24,7 @@ from fake_kube_api import FakeKubeApi, make_pod
 from kwatt.config import load_config
 from kwatt.exporter import Exporter
 from kwatt.sources.nvml import MigInstance
-from kwatt.sources.nvml_fake import FakeGpu, FakeNvml
+from nvml_fake import FakeGpu, FakeNvml
 from podresources_server import Allocation, PodResourcesServer
 from simnode import SimulatedNode, container_id, pod_uid
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from kwatt.attribution import ComponentEnergy, WorkloadActivity, attribute_component
 from kwatt.ledger import LedgerSnapshot
 from kwatt.sampler import Sampler
+from kwatt.sources.rapl import BOUND_WATTS
 from kwatt.workloads.naming import HostNamer
 from simnode import SimulatedNode, container_id, pod_uid
 
@@ -82,7 +83,20 @@ step = st.fixed_dictionaries({
     "start": st.lists(st.integers(min_value=0, max_value=5), max_size=2),
     "stop": st.lists(st.integers(min_value=0, max_value=5), max_size=2),
     "dt": st.floats(min_value=0.5, max_value=30),
+    # What the package counter's file says this interval instead of its true value.
+    "glitch": st.sampled_from([None, None, "below", "truncated", "huge", "zero"]),
 })
+
+GLITCHES = {"below": lambda v: str(max(v - 1, 0)), "truncated": lambda v: str(v)[:3],
+            "huge": lambda v: "1" + "0" * 26, "zero": lambda v: "0"}
+
+
+def _rapl_joules(snap: LedgerSnapshot) -> dict[str, float]:
+    out = {f"zone {z}": j for z, _, j in snap.zone_energy}
+    for component, source, j in snap.node_energy:
+        if source == "rapl":
+            out[component] = j
+    return out
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -129,9 +143,17 @@ def test_sampler_conserves_energy_through_wraps_and_churn(steps, version, driver
             node.add_node_cpu(busy_seconds=s["system"] / 100, idle_seconds=s["idle"] / 100)
             node.add_energy("0", s["package"])
             node.add_energy("0:0", s["dram"])
+            if s["glitch"] is not None:
+                node.set_zone_content("0", GLITCHES[s["glitch"]](node.zones["0"].energy_uj))
             clock.advance(s["dt"])
+            before = _rapl_joules(sampler.snapshot())
             sampler.sample()
             snap = sampler.snapshot()
+            # Whatever the counters said, no interval books more than the ceiling allows.
+            ceiling = {"cpu": BOUND_WATTS["package"], "zone package-0": BOUND_WATTS["package"],
+                       "dram": BOUND_WATTS["dram"], "zone dram-0": BOUND_WATTS["dram"]}
+            for key, joules in _rapl_joules(snap).items():
+                assert joules - before.get(key, 0.0) <= ceiling[key] * s["dt"] * (1 + REL), key
             for component, parts in _totals(snap).items():
                 node_j = parts.get("node", 0.0)
                 got = parts.get("containers", 0.0) + parts.get("unattributed", 0.0)

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kwatt.gpu_stage import GpuStage
 from kwatt.sampler import Sampler
-from kwatt.sources.nvml import GpuReader, MigInstance, ProcessSample
-from kwatt.sources.nvml_fake import FakeGpu, FakeNvml
+from kwatt.sources.nvml import GPU_BOUND_WATTS, GpuReader, MigInstance, ProcessSample
 from kwatt.workloads.podresources import PodResourcesClient
+from nvml_fake import FakeGpu, FakeNvml
 from podresources_server import Allocation, PodResourcesServer
 from simnode import SimulatedNode, container_id, pod_uid
 from test_conservation import _counters, _totals
@@ -26,6 +26,8 @@ DEVICES = ["GPU-0", "GPU-1::0", "GPU-1::1", "nvidia3", "MIG-a", "MIG-b", "GPU-9"
 
 gpu_step = st.fixed_dictionaries({
     "mj": st.integers(0, 5_000_000), "mw": st.integers(0, 700_000),
+    # A glitch on top of the honest energy: implausible, never booked.
+    "jump_mj": st.sampled_from([0, 0, 0, 10**9, 10**21]),
     "util": st.integers(0, 100), "lost": st.booleans(), "reset": st.booleans(),
     "sm": st.lists(st.integers(0, 100), min_size=4, max_size=4),
 })
@@ -63,12 +65,14 @@ def test_gpu_energy_conserved_and_monotonic(kubelet: PodResourcesServer, steps) 
             FakeGpu("GPU-0"), FakeGpu("GPU-1", has_energy_counter=False),
             FakeGpu("GPU-2", mig_enabled=True, instances=[
                 MigInstance("MIG-a", 1, 3, "3g.20gb"), MigInstance("MIG-b", 2, 4, "4g.20gb")]),
-            FakeGpu("GPU-3")])
-        reader = GpuReader(fake)
+            FakeGpu("GPU-3", power_limit_mw=None)])
+        # Twice the enforced power limit (700 W in the fake), else the documented bound.
+        ceiling = {"GPU-0": 1400.0, "GPU-1": 1400.0, "GPU-2": 1400.0, "GPU-3": GPU_BOUND_WATTS}
+        clock = FakeClock()
+        reader = GpuReader(fake, clock)
         reader.start()
         client = PodResourcesClient(kubelet.socket_path, ("nvidia.com/*",))
         stage = GpuStage(reader, client, str(node.procfs))
-        clock = FakeClock()
         sampler = Sampler(node_config(node, "--retention", "24h"), namer, clock=clock,
                           stages=[stage])
         sampler.sample()
@@ -86,6 +90,7 @@ def test_gpu_energy_conserved_and_monotonic(kubelet: PodResourcesServer, steps) 
             stamp += 1000
             for gpu, g in zip(fake.gpus, s["gpus"], strict=True):
                 gpu.energy_mj = g["mj"] if g["reset"] else gpu.energy_mj + g["mj"]
+                gpu.energy_mj += g["jump_mj"]
                 gpu.power_mw, gpu.utilisation_percent, gpu.lost = g["mw"], g["util"], g["lost"]
                 gpu.samples = [ProcessSample(100 + i, sm, stamp)
                                for i, sm in enumerate(g["sm"]) if sm]
@@ -113,4 +118,5 @@ def test_gpu_energy_conserved_and_monotonic(kubelet: PodResourcesServer, steps) 
                     assert current[key] >= value, key
             for uuid, value in previous_gpu.items():
                 assert per_gpu[uuid] >= value, uuid
+                assert per_gpu[uuid] - value <= ceiling[uuid] * s["dt"] * (1 + REL), uuid
             previous, previous_gpu = current, per_gpu

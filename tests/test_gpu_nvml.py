@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import pytest
-from kwatt.sources.nvml import GpuReader, MigInstance, NvmlUnavailable, ProcessSample, load_backend
-from kwatt.sources.nvml_fake import FakeGpu, FakeNvml
+from conftest import FakeClock
+from kwatt.sources.nvml import (
+    GpuReader,
+    MigInstance,
+    NvmlCycle,
+    NvmlUnavailable,
+    ProcessSample,
+    load_backend,
+)
+from nvml_fake import FakeGpu, FakeNvml
+
+
+def read_at(reader: GpuReader, clock: FakeClock, now: float, want_pids: bool) -> NvmlCycle:
+    """Read with the reader's clock at ``now``: each reading is stamped when it is taken."""
+    clock.now = now
+    return reader.read(want_pids)
 
 
 def _gpus() -> list[FakeGpu]:
@@ -17,18 +31,18 @@ def _gpus() -> list[FakeGpu]:
     ]
 
 
-def test_counter_delta_power_integration_and_mig() -> None:
+def test_counter_delta_power_integration_and_mig(clock: FakeClock) -> None:
     fake = FakeNvml(_gpus())
-    reader = GpuReader(fake)
+    reader = GpuReader(fake, clock)
     assert reader.start() == []
     assert reader.driver_version == "550.54.15"
-    first = reader.read(100.0, want_pids=False)
+    first = read_at(reader, clock, 100.0, want_pids=False)
     assert [g.joules for g in first.gpus] == [None, None, None]  # baselines only
 
     fake.gpus[0].energy_mj += 1_500_000  # 1500 J
     fake.gpus[1].power_mw = 90_000  # 70 W -> 90 W: trapezoid 80 W
     fake.gpus[2].energy_mj += 700_000
-    cycle = reader.read(110.0, want_pids=False)
+    cycle = read_at(reader, clock, 110.0, want_pids=False)
     g0, g1, g2 = cycle.gpus
     assert cycle.faults == ()
     assert (g0.joules, g0.dt, g0.utilisation, g0.energy_source) == (1500.0, 10.0, 0.4, "counter")
@@ -38,27 +52,72 @@ def test_counter_delta_power_integration_and_mig() -> None:
         ("MIG-a", 3, (10,)), ("MIG-b", 4, ())]
 
 
-def test_counter_reset_rebaselines_never_backwards() -> None:
+def test_counter_reset_rebaselines_never_backwards(clock: FakeClock) -> None:
     fake = FakeNvml([FakeGpu("GPU-0", energy_mj=9_000_000)])
-    reader = GpuReader(fake)
+    reader = GpuReader(fake, clock)
     reader.start()
-    reader.read(0.0, want_pids=False)
+    read_at(reader, clock, 0.0, want_pids=False)
     fake.gpus[0].energy_mj = 200  # driver reload: counts from 0 again
-    reset = reader.read(5.0, want_pids=False)
-    assert reset.gpus[0].joules == 0.0
+    reset = read_at(reader, clock, 5.0, want_pids=False)
+    assert reset.gpus[0].joules is None and reset.gpus[0].up
+    assert [(f.reason, f.subject) for f in reset.faults] == [("implausible", "GPU-0")]
     fake.gpus[0].energy_mj = 100_200
-    assert reader.read(10.0, want_pids=False).gpus[0].joules == 100.0
+    assert read_at(reader, clock, 10.0, want_pids=False).gpus[0].joules == 100.0
 
 
-def test_lost_gpu_is_marked_down_others_continue_and_it_comes_back() -> None:
-    fake = FakeNvml([FakeGpu("GPU-0"), FakeGpu("GPU-1")])
-    reader = GpuReader(fake)
+@pytest.mark.parametrize(("limit_mw", "ceiling_w"), [(700_000, 1400.0), (None, 3000.0)])
+def test_energy_jump_above_the_ceiling_books_nothing(clock: FakeClock, limit_mw: int | None,
+                                                     ceiling_w: float) -> None:
+    """The ceiling is twice the enforced power limit, else the documented bound."""
+    fake = FakeNvml([FakeGpu("GPU-0", power_limit_mw=limit_mw)])
+    reader = GpuReader(fake, clock)
     reader.start()
-    reader.read(0.0, want_pids=False)
+    read_at(reader, clock, 0.0, want_pids=False)
+    fake.gpus[0].energy_mj += round(ceiling_w * 2 * 1000)  # 2x the ceiling for 2 s: fine
+    assert read_at(reader, clock, 2.0, want_pids=False).gpus[0].joules == 2 * ceiling_w
+    fake.gpus[0].energy_mj += round(ceiling_w * 1.1 * 1000)  # 1.1x the ceiling for 1 s
+    jump = read_at(reader, clock, 3.0, want_pids=False)
+    assert jump.gpus[0].joules is None and jump.gpus[0].up
+    assert [f.reason for f in jump.faults] == ["implausible"]
+    fake.gpus[0].energy_mj += 100_000
+    assert read_at(reader, clock, 4.0, want_pids=False).gpus[0].joules == 100.0
+
+
+def test_power_limit_raised_at_runtime_is_honoured(clock: FakeClock) -> None:
+    fake = FakeNvml([FakeGpu("GPU-0", power_limit_mw=300_000)])  # ceiling 600 W
+    reader = GpuReader(fake, clock)
+    reader.start()
+    read_at(reader, clock, 0.0, want_pids=False)
+    fake.gpus[0].power_limit_mw = 700_000  # nvidia-smi -pl 700: ceiling 1400 W
+    fake.gpus[0].energy_mj += 1_000_000
+    cycle = read_at(reader, clock, 1.0, want_pids=False)
+    assert cycle.gpus[0].joules == 1000.0 and cycle.faults == ()
+
+
+def test_integrated_power_above_the_ceiling_books_nothing(clock: FakeClock) -> None:
+    fake = FakeNvml([FakeGpu("GPU-0", has_energy_counter=False, power_mw=300_000,
+                             power_limit_mw=400_000)])
+    reader = GpuReader(fake, clock)
+    reader.start()
+    read_at(reader, clock, 0.0, want_pids=False)
+    fake.gpus[0].power_mw = 2_000_000_000  # 2 MW: a garbled reading
+    cycle = read_at(reader, clock, 1.0, want_pids=False)
+    assert cycle.gpus[0].joules is None
+    assert [f.reason for f in cycle.faults] == ["implausible"]
+    fake.gpus[0].power_mw = 300_000
+    read_at(reader, clock, 2.0, want_pids=False)
+    assert read_at(reader, clock, 3.0, want_pids=False).gpus[0].joules == pytest.approx(300.0)
+
+
+def test_lost_gpu_is_marked_down_others_continue_and_it_comes_back(clock: FakeClock) -> None:
+    fake = FakeNvml([FakeGpu("GPU-0"), FakeGpu("GPU-1")])
+    reader = GpuReader(fake, clock)
+    reader.start()
+    read_at(reader, clock, 0.0, want_pids=False)
     fake.gpus[1].lost = True
     for gpu in fake.gpus:
         gpu.energy_mj += 10_000
-    lost = reader.read(1.0, want_pids=False)
+    lost = read_at(reader, clock, 1.0, want_pids=False)
     assert [(g.uuid, g.up, g.joules) for g in lost.gpus] == [
         ("GPU-0", True, 10.0), ("GPU-1", False, None)]
     assert {(f.source, f.reason, f.subject) for f in lost.faults} == {
@@ -66,52 +125,54 @@ def test_lost_gpu_is_marked_down_others_continue_and_it_comes_back() -> None:
 
     fake.gpus[1].energy_mj += 99_000  # spent while unreadable: never booked
     fake.gpus[1].lost = False
-    back = reader.read(2.0, want_pids=False)
+    back = read_at(reader, clock, 2.0, want_pids=False)
     assert [(g.up, g.joules) for g in back.gpus] == [(True, 0.0), (True, None)]
     fake.gpus[1].energy_mj += 3_000
-    again = reader.read(3.0, want_pids=False)
+    again = read_at(reader, clock, 3.0, want_pids=False)
     assert again.gpus[1].joules == 3.0 and again.faults == ()
 
 
-def test_unknown_error_on_energy_marks_down_for_that_cycle() -> None:
+def test_unknown_error_on_energy_marks_down_for_that_cycle(clock: FakeClock) -> None:
     fake = FakeNvml([FakeGpu("GPU-0")])
-    reader = GpuReader(fake)
+    reader = GpuReader(fake, clock)
     reader.start()
-    reader.read(0.0, want_pids=False)
+    read_at(reader, clock, 0.0, want_pids=False)
     fake.gpus[0].failing["total_energy_mj"] = "unknown"
-    cycle = reader.read(1.0, want_pids=False)
+    cycle = read_at(reader, clock, 1.0, want_pids=False)
     assert not cycle.gpus[0].up
     assert [(f.reason, f.subject) for f in cycle.faults] == [("api", "GPU-0")]
     del fake.gpus[0].failing["total_energy_mj"]
-    assert reader.read(2.0, want_pids=False).gpus[0].up
+    assert read_at(reader, clock, 2.0, want_pids=False).gpus[0].up
 
 
-def test_process_samples_only_new_since_last_seen() -> None:
+def test_process_samples_only_new_since_last_seen(clock: FakeClock) -> None:
     gpu = FakeGpu("GPU-0", samples=[ProcessSample(1, 30, 1_000), ProcessSample(2, 50, 2_000)])
     fake = FakeNvml([gpu])
-    reader = GpuReader(fake)
+    reader = GpuReader(fake, clock)
     reader.start()
-    assert [s.pid for s in reader.read(0.0, want_pids=False).gpus[0].process_samples] == [1, 2]
-    assert reader.read(1.0, want_pids=False).gpus[0].process_samples == ()
+    first = read_at(reader, clock, 0.0, want_pids=False).gpus[0]
+    assert [s.pid for s in first.process_samples] == [1, 2]
+    assert read_at(reader, clock, 1.0, want_pids=False).gpus[0].process_samples == ()
     gpu.samples.append(ProcessSample(3, 20, 3_000))
-    assert [s.pid for s in reader.read(2.0, want_pids=False).gpus[0].process_samples] == [3]
+    later = read_at(reader, clock, 2.0, want_pids=False).gpus[0]
+    assert [s.pid for s in later.process_samples] == [3]
 
 
-def test_compute_pids_only_when_asked() -> None:
+def test_compute_pids_only_when_asked(clock: FakeClock) -> None:
     fake = FakeNvml([FakeGpu("GPU-0", compute_pids=[7, 8])])
-    reader = GpuReader(fake)
+    reader = GpuReader(fake, clock)
     reader.start()
-    assert reader.read(0.0, want_pids=False).gpus[0].compute_pids == ()
-    assert reader.read(1.0, want_pids=True).gpus[0].compute_pids == (7, 8)
+    assert read_at(reader, clock, 0.0, want_pids=False).gpus[0].compute_pids == ()
+    assert read_at(reader, clock, 1.0, want_pids=True).gpus[0].compute_pids == (7, 8)
 
 
-def test_unsupported_process_utilisation_is_not_a_fault() -> None:
+def test_unsupported_process_utilisation_is_not_a_fault(clock: FakeClock) -> None:
     fake = FakeNvml([FakeGpu("GPU-0", has_process_utilisation=False)])
-    reader = GpuReader(fake)
+    reader = GpuReader(fake, clock)
     reader.start()
-    cycle = reader.read(0.0, want_pids=False)
+    cycle = read_at(reader, clock, 0.0, want_pids=False)
     assert cycle.faults == () and cycle.gpus[0].up
-    calls = reader.read(1.0, want_pids=False).calls
+    calls = read_at(reader, clock, 1.0, want_pids=False).calls
     assert calls == 2  # energy + utilisation; the unsupported call is not retried
 
 

@@ -69,6 +69,7 @@ def stand_in(driver: Driver) -> types.ModuleType:
                                       if "mig" in h else "NVIDIA A100-SXM4-40GB")
     nv.nvmlDeviceGetTotalEnergyConsumption = lambda h: driver.energy[check(h)]
     nv.nvmlDeviceGetPowerUsage = lambda h: 100_000
+    nv.nvmlDeviceGetEnforcedPowerLimit = lambda h: check(h) and 400_000
     nv.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=check(h) and 55)
     nv.nvmlDeviceGetProcessUtilization = process_utilisation
     nv.nvmlDeviceGetComputeRunningProcesses = lambda h: (
@@ -109,18 +110,19 @@ def test_reads_and_caches_handles(driver: Driver) -> None:
 def test_lost_gpu_drops_handle_and_is_found_again(driver: Driver) -> None:
     from kwatt.sources.nvml import PynvmlBackend
 
-    reader = GpuReader(PynvmlBackend())
+    clock = iter(float(t) for t in range(1000)).__next__
+    reader = GpuReader(PynvmlBackend(), clock)
     reader.start()
-    reader.read(0.0, want_pids=False)
+    reader.read(want_pids=False)
     driver.lost.add("GPU-b")
-    cycle = reader.read(1.0, want_pids=False)
+    cycle = reader.read(want_pids=False)
     assert [g.up for g in cycle.gpus] == [True, False]
     assert {(f.reason, f.subject) for f in cycle.faults} == {("absent", "GPU-b")}
     driver.lost.clear()
     driver.energy["GPU-b"] += 2000
-    reader.read(2.0, want_pids=False)  # back, re-baselined
+    reader.read(want_pids=False)  # back, re-baselined
     driver.energy["GPU-b"] += 3000
-    cycle = reader.read(3.0, want_pids=False)
+    cycle = reader.read(want_pids=False)
     assert cycle.faults == ()
     assert [g.joules for g in cycle.gpus] == [0.0, 3.0]
     assert driver.lookups >= 1, "the handle was looked up again by UUID"

@@ -23,10 +23,10 @@ from kwatt.gpu_stage import (
 from kwatt.ledger import LedgerSnapshot, WorkloadLabels
 from kwatt.sampler import Sampler
 from kwatt.sources.nvml import GpuReader, MigInstance, ProcessSample, load_backend
-from kwatt.sources.nvml_fake import FakeGpu, FakeNvml
 from kwatt.workloads.cgroups import CgroupIdentity, identify_cgroup_path
 from kwatt.workloads.naming import HostNamer
 from kwatt.workloads.podresources import PodResourcesClient
+from nvml_fake import FakeGpu, FakeNvml
 from podresources_server import Allocation, PodResourcesServer
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -121,7 +121,7 @@ def test_kubernetes_scenarios_exact_joules(sim, clock: FakeClock,
         Allocation("lab", "job", "main", "nvidia.com/mig-4g.20gb", ["MIG-b"]),
     ]
     fake = FakeNvml(_fake_gpus())
-    reader = GpuReader(fake)
+    reader = GpuReader(fake, clock)
     reader.start()
     stage = GpuStage(reader, PodResourcesClient(kubelet.socket_path, PATTERNS),
                      str(node.procfs))
@@ -212,7 +212,7 @@ def test_gke_nvidia_n_names_and_unidentified_holder(sim, clock: FakeClock,
     ]
     del c
     fake = FakeNvml([FakeGpu("GPU-0"), FakeGpu("GPU-1")])
-    reader = GpuReader(fake)
+    reader = GpuReader(fake, clock)
     reader.start()
     stage = GpuStage(reader, PodResourcesClient(kubelet.socket_path, PATTERNS),
                      str(node.procfs))
@@ -241,7 +241,7 @@ def test_host_mode_holders_from_nvml_processes(sim, clock: FakeClock) -> None:
     fake = FakeNvml([FakeGpu("GPU-0", compute_pids=[11]),
                      FakeGpu("GPU-1", compute_pids=[21, 22, 23], utilisation_percent=100),
                      FakeGpu("GPU-2")])
-    reader = GpuReader(fake)
+    reader = GpuReader(fake, clock)
     reader.start()
     stage = GpuStage(reader, None, str(node.procfs))
     sampler = Sampler(node_config(node), namer, clock=clock, stages=[stage])
@@ -271,7 +271,7 @@ def test_missing_socket_falls_back_to_process_list(sim, clock: FakeClock, tmp_pa
     c = _cluster(node, namer)
     run_process(node, 11, c["trainer"].path)
     fake = FakeNvml([FakeGpu("GPU-0", compute_pids=[11])])
-    reader = GpuReader(fake)
+    reader = GpuReader(fake, clock)
     reader.start()
     client = PodResourcesClient(str(tmp_path / "absent.sock"), PATTERNS)
     stage = GpuStage(reader, client, str(node.procfs))
@@ -356,7 +356,7 @@ def test_holder_unknown_by_name_is_found_by_its_process(sim, clock: FakeClock,
         Allocation("lab", "job", "main", "nvidia.com/gpu", ["GPU-1::1"]),
     ]
     fake = FakeNvml([FakeGpu("GPU-0", compute_pids=[11]), FakeGpu("GPU-1", compute_pids=[12])])
-    reader = GpuReader(fake)
+    reader = GpuReader(fake, clock)
     reader.start()
     stage = GpuStage(reader, PodResourcesClient(kubelet.socket_path, PATTERNS),
                      str(node.procfs))
@@ -387,7 +387,7 @@ def test_invisible_processes_make_a_shared_gpu_split_evenly(sim, clock: FakeCloc
         Allocation("ml", "infer-a", "server", "nvidia.com/gpu", ["GPU-0::0"]),
         Allocation("ml", "infer-b", "server", "nvidia.com/gpu", ["GPU-0::1"])]
     fake = FakeNvml([FakeGpu("GPU-0", utilisation_percent=100)])
-    reader = GpuReader(fake)
+    reader = GpuReader(fake, clock)
     reader.start()
     stage = GpuStage(reader, PodResourcesClient(kubelet.socket_path, PATTERNS),
                      str(node.procfs))
@@ -402,3 +402,81 @@ def test_invisible_processes_make_a_shared_gpu_split_evenly(sim, clock: FakeCloc
     assert containers == pytest.approx({("ml", "infer-a", "server"): 400.0,
                                         ("ml", "infer-b", "server"): 400.0})
     assert unattributed.get("system", 0.0) == 0.0
+
+
+def test_gpu_power_is_right_when_the_kubelet_answers_slowly(sim, clock: FakeClock,
+                                                            kubelet: PodResourcesServer) -> None:
+    """The stage reads NVML after PodResources answered. A kubelet that takes 0.5 s of a
+    1 s interval on every other cycle made power +50% / -50% when readings were stamped
+    with the cycle's start; each reading's own time keeps it within a few percent."""
+    node: SimulatedNode = sim()
+    namer = NamesNamer()
+    c = _cluster(node, namer)
+    kubelet.lister.allocations = [
+        Allocation("ml", "train-0", "trainer", "nvidia.com/gpu", ["GPU-0"])]
+    watts = 300.0
+
+    class SteadyGpu(FakeNvml):
+        """Draws a steady 300 W: its counter is a function of (fake) time."""
+
+        def total_energy_mj(self, uuid: str) -> int:
+            super().total_energy_mj(uuid)
+            return round(watts * clock.now * 1000)
+
+    slow = [False]
+
+    def answer() -> None:
+        if slow[0]:
+            clock.advance(0.5)
+
+    kubelet.lister.on_list = answer
+    reader = GpuReader(SteadyGpu([FakeGpu("GPU-0", utilisation_percent=90)]), clock)
+    reader.start()
+    stage = GpuStage(reader, PodResourcesClient(kubelet.socket_path, PATTERNS),
+                     str(node.procfs))
+    sampler = Sampler(node_config(node), namer, clock=clock, stages=[stage])
+    sampler.sample()
+    for cycle in range(6):
+        slow[0] = cycle % 2 == 0
+        node.add_cpu(c["trainer"].path, 0.5)
+        node.add_node_cpu(idle_seconds=3)
+        clock.advance(1.0)
+        report = sampler.sample()
+        (gpu,) = stage.snapshot().gpus
+        assert gpu.power_watts == pytest.approx(watts, rel=0.02), cycle
+        assert report.node_watts[("gpu", "nvml")] == pytest.approx(watts, rel=0.02), cycle
+        node_power = {(comp, src): w for comp, src, w in sampler.snapshot().node_power}
+        assert node_power[("gpu", "nvml")] == pytest.approx(watts, rel=0.02), cycle
+
+
+def test_undecodable_proc_cgroup_affects_only_that_pid(sim, clock: FakeClock) -> None:
+    """A /proc/<pid>/cgroup that is not UTF-8 used to raise out of every sampler cycle."""
+    node: SimulatedNode = sim()
+    namer = NamesNamer()
+    c = _cluster(node, namer)
+    run_process(node, 101, c["trainer"].path)
+    bad = node.procfs / "102"
+    bad.mkdir()
+    (bad / "cgroup").write_bytes(b"0::/system.slice/caf\xe9-\xff.service\n1:name=\xc3(:/x\n")
+    assert identity_of_pid(str(node.procfs), 102) == identify_cgroup_path(
+        "/system.slice/caf\ufffd-\ufffd.service")
+    fake = FakeNvml([FakeGpu("GPU-0", utilisation_percent=90, compute_pids=[101, 102])])
+    reader = GpuReader(fake, clock)
+    reader.start()
+    stage = GpuStage(reader, None, str(node.procfs))
+    sampler = Sampler(node_config(node), namer, clock=clock, stages=[stage])
+    sampler.sample()
+    fake.gpus[0].energy_mj += 1_000_000
+    fake.gpus[0].samples = [ProcessSample(101, 60, 1), ProcessSample(102, 20, 1)]
+    node.add_node_cpu(idle_seconds=40)
+    clock.advance(10)
+    sampler.sample()
+    containers, unattributed, total = gpu_energy(sampler.snapshot())
+    assert total == pytest.approx(1000.0)
+    # Both processes were placed: the unit with the odd name got its share. It has no
+    # cgroup on this simulated node, so its account expired into namespace "".
+    snap = sampler.snapshot()
+    unit_joules = dict(((n, c), j) for n, c, j in snap.namespace_energy)[("", "gpu")]
+    trainer = containers[("ml", "train-0", "trainer")]
+    assert 0 < unit_joules < trainer
+    assert trainer + unit_joules + sum(unattributed.values()) == pytest.approx(total)

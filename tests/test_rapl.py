@@ -15,7 +15,6 @@ from kwatt.sources.rapl import (
     RaplCounters,
     component_energy_joules,
     discover_rapl_zones,
-    energy_delta_uj,
     read_rapl_zones,
 )
 
@@ -62,18 +61,6 @@ def test_component_missing_when_one_of_its_zones_failed() -> None:
     assert component_energy_joules(zones, deltas) == {"dram": 2.0}
 
 
-@pytest.mark.parametrize(("previous", "current", "max_range", "expected"), [
-    (100, 250, 1000, 150),
-    (900, 50, 1000, 150),  # wrapped once
-    (900, 50, None, None),  # wrapped, range unknown: drop the interval, do not guess
-    (1500, 50, 1000, None),  # previous beyond the range: the range is wrong
-    (7, 7, 1000, 0),
-])
-def test_energy_delta(previous: int, current: int, max_range: int | None,
-                      expected: int | None) -> None:
-    assert energy_delta_uj(previous, current, max_range) == expected
-
-
 def test_garbage_energy_is_a_parse_fault_never_zero(tmp_path: Path) -> None:
     from simnode import SimulatedNode
     node = SimulatedNode(tmp_path)
@@ -94,15 +81,15 @@ def test_zone_that_fails_is_rebaselined_when_it_returns(tmp_path: Path) -> None:
     node.add_rapl_zone("0", "package-0")
     zones, _ = discover_rapl_zones(str(node.sysfs))
     counters = RaplCounters()
-    counters.advance(read_rapl_zones(zones))
+    counters.advance(read_rapl_zones(zones), 1.0)
     node.set_zone_content("0", "garbage")
-    deltas, _ = counters.advance(read_rapl_zones(zones))
+    deltas, _ = counters.advance(read_rapl_zones(zones), 1.0)
     assert deltas == {}
     node.add_energy("0", 50)  # energy used during the outage must not be counted later
     node.add_energy("0", 3)
-    counters.advance(read_rapl_zones(zones))
+    counters.advance(read_rapl_zones(zones), 1.0)
     node.add_energy("0", 4)
-    deltas, _ = counters.advance(read_rapl_zones(zones))
+    deltas, _ = counters.advance(read_rapl_zones(zones), 1.0)
     assert list(deltas.values()) == [pytest.approx(4.0)]
 
 

@@ -17,8 +17,9 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from kwatt.config import Config, split_listen_address
+from kwatt.cycle_metrics import CycleCollector, StageRenderer
 from kwatt.gpu_stage import build_gpu_stage
-from kwatt.metrics import KwattCollector, StaticInfo
+from kwatt.metrics import StaticInfo
 from kwatt.sampler import EnergyStage, Sampler
 from kwatt.sources.nvml import NvmlBackend
 from kwatt.web import WSGIApp, build_app, start_server
@@ -56,13 +57,15 @@ class Exporter:
         self.sampler = Sampler(config, self.namer, include_host_units=self.kube is None,
                                stages=stages)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(KwattCollector(self.sampler.snapshot, StaticInfo(
+        # The GPU stage, when there is one, is stage 0; its families are rendered from the
+        # same published cycle as the node's.
+        stage_renderers: dict[int, StageRenderer] = {0: gpu[1]} if gpu else {}
+        self.registry.register(CycleCollector(self.sampler.published, StaticInfo(
             node=config.node_name, interval_seconds=config.interval_seconds,
             carbon_intensity_grams_per_kwh=config.carbon_intensity_grams_per_kwh,
             energy_price_per_kwh=config.energy_price_per_kwh,
-            energy_price_currency=config.energy_price_currency, pue=config.pue)))
-        if gpu is not None:
-            self.registry.register(gpu[1])
+            energy_price_currency=config.energy_price_currency, pue=config.pue),
+            stage_renderers))
         if self.kube is not None:
             self.registry.register(self.kube.collector)
         ProcessCollector(registry=self.registry)

@@ -6,7 +6,7 @@ import errno
 from dataclasses import dataclass
 
 # The `reason` label of kwatt_source_errors_total: a small, fixed set (cardinality).
-REASONS = ("permission", "absent", "parse", "timeout", "api")
+REASONS = ("permission", "absent", "parse", "timeout", "api", "implausible")
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,13 @@
-"""The kwatt_gpu_* metric families, rendered from the GPU stage's latest snapshot.
+"""The kwatt_gpu_* metric families, rendered from the GPU stage's snapshot of a cycle.
 
 Like ``KwattCollector``: no I/O on scrape, families built fresh from an immutable value.
+The exporter renders them through ``render_gpu`` from the sampler's published cycle, so
+GPU and node counters in one scrape always come from the same cycle.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -85,3 +87,11 @@ class GpuCollector(Collector):
             allocation.add_metric((node, str(row.gpu), row.uuid, row.namespace, row.pod,
                                    row.container, row.resource), 1.0)
         yield from (energy, power, utilisation, info, up, allocation)
+
+
+def render_gpu(node: str) -> Callable[[object | None], Iterable[Metric]]:
+    """Renders a published GPU stage snapshot (None before the first cycle: no GPU rows)."""
+    def render(snapshot: object | None) -> Iterable[Metric]:
+        snap = snapshot if isinstance(snapshot, GpuSnapshot) else GpuSnapshot()
+        return GpuCollector(lambda: snap, node).collect()
+    return render

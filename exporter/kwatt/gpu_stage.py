@@ -5,17 +5,20 @@ kubelet PodResources API when there is one, matched by (namespace, pod, containe
 cycle's workload identities; in host mode, or while the kubelet does not answer, from
 NVML's list of compute processes (PID -> <procfs>/<pid>/cgroup -> identity). Per-process
 SM samples are mapped the same way to split shared GPUs. The stage also keeps the per-GPU
-counters behind the kwatt_gpu_* metrics and publishes them as an immutable snapshot.
+counters behind the kwatt_gpu_* metrics and returns them as an immutable snapshot in its
+``StageResult``, which the sampler publishes with the ledger's at the end of the cycle.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Hashable, Mapping
 
 from kwatt.attribution import ComponentSplit
 from kwatt.config import Config
+from kwatt.cycle_metrics import StageRenderer
 from kwatt.faults import Fault
 from kwatt.gpu_attribution import (
     GpuInterval,
@@ -24,12 +27,13 @@ from kwatt.gpu_attribution import (
     attribute_gpu,
     merge_splits,
 )
-from kwatt.gpu_metrics import AllocationRow, GpuCollector, GpuRow, GpuSnapshot
+from kwatt.gpu_metrics import AllocationRow, GpuRow, GpuSnapshot, render_gpu
 from kwatt.ledger import WorkloadLabels
 from kwatt.logs import RateLimitedLog
 from kwatt.sampler import StageResult
 from kwatt.sources import nvml
 from kwatt.sources.nvml import GpuReader, GpuReading, NvmlBackend
+from kwatt.text import decode_bytes
 from kwatt.workloads import podresources
 from kwatt.workloads.cgroups import CgroupIdentity, identify_cgroup_path
 from kwatt.workloads.podresources import DeviceAllocation, PodResourcesClient, parse_device_id
@@ -48,10 +52,13 @@ class GpuUnavailable(Exception):
 
 
 def identity_of_pid(procfs: str, pid: int) -> CgroupIdentity | None:
-    """The workload cgroup of a process, from ``<procfs>/<pid>/cgroup`` (v1 or v2)."""
+    """The workload cgroup of a process, from ``<procfs>/<pid>/cgroup`` (v1 or v2).
+
+    Cgroup names need not be UTF-8: undecodable bytes become U+FFFD (kwatt.text), as in the
+    cgroup scan, so one odd unit name affects only the PIDs in it, never the cycle."""
     try:
-        with open(os.path.join(procfs, str(pid), "cgroup"), encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
+        with open(os.path.join(procfs, str(pid), "cgroup"), "rb") as handle:
+            lines = decode_bytes(handle.read()).splitlines()
     except OSError:
         return INVISIBLE
     unified, accounting, rest = [], [], []
@@ -93,6 +100,8 @@ class GpuStage:
         self._unmatched_holders = False
 
     def snapshot(self) -> GpuSnapshot:
+        """The stage's latest snapshot, for tests; scrapes render the sampler's published
+        cycle instead, which can lag this by the rest of a cycle."""
         return self._snapshot
 
     # -- one cycle --------------------------------------------------------------------
@@ -115,8 +124,9 @@ class GpuStage:
             else:
                 self._ratelog.forget("fallback")
 
-        cycle = self._reader.read(now, want_pids=allocations is None
-                                  or self._unmatched_holders)
+        # NVML is read after the kubelet answered, however long that took: each GPU's
+        # energy carries its own read time, so power is never skewed by the wait.
+        cycle = self._reader.read(want_pids=allocations is None or self._unmatched_holders)
         self.last_nvml_calls = cycle.calls
         faults.extend(cycle.faults)
         source_up[nvml.SOURCE] = not cycle.faults
@@ -150,10 +160,14 @@ class GpuStage:
         self._snapshot = GpuSnapshot(self._reader.driver_version, tuple(gpu_rows), rows)
         # One booking per cycle for all GPUs; a cycle with no GPU energy books nothing.
         booked: list[ComponentSplit[Hashable]] = []
+        watts: dict[tuple[str, str], float] = {}
         if splits:
             merged = merge_splits(splits)
             booked.append(merged)  # type: ignore[arg-type]
-        return StageResult(booked, faults, source_up)
+            # Node GPU power from each GPU's own interval, as kwatt_gpu_power_watts.
+            watts[(merged.component, merged.source)] = sum(
+                row.power_watts for row in gpu_rows if row.up and row.power_watts is not None)
+        return StageResult(booked, faults, source_up, watts, self._snapshot)
 
     def _account(self, gpu: GpuReading) -> GpuRow:
         total = self._energy.get(gpu.uuid, 0.0)
@@ -271,15 +285,16 @@ class GpuStage:
 
 
 def build_gpu_stage(config: Config,
-                    backend_factory: Callable[[], NvmlBackend] | None = None
-                    ) -> tuple[GpuStage, GpuCollector] | None:
+                    backend_factory: Callable[[], NvmlBackend] | None = None,
+                    clock: Callable[[], float] = time.monotonic
+                    ) -> tuple[GpuStage, StageRenderer] | None:
     """The GPU stage for ``--gpu auto|on|off``; None when GPUs are off or absent (auto).
 
     Raises ``GpuUnavailable`` for ``--gpu on`` when NVML cannot be loaded or sees no GPU.
     """
     if config.gpu == "off":
         return None
-    reader, why = nvml.load_backend(backend_factory)
+    reader, why = nvml.load_backend(backend_factory, clock)
     if reader is not None and not reader.gpu_count:
         reader, why = None, "NVML lists no GPU"
     if reader is None:
@@ -306,4 +321,4 @@ def build_gpu_stage(config: Config,
     log.info("reading GPU energy through NVML", extra={
         "gpus": reader.gpu_count, "driver_version": reader.driver_version})
     stage = GpuStage(reader, client, config.procfs)
-    return stage, GpuCollector(stage.snapshot, config.node_name)
+    return stage, render_gpu(config.node_name)

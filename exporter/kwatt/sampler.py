@@ -55,6 +55,12 @@ class StageResult:
     splits: Sequence[ComponentSplit[Hashable]] = ()  # booked like CPU/DRAM splits
     faults: Sequence[Fault] = ()
     source_up: Mapping[str, bool] = field(default_factory=dict)
+    # Average power per (component, source) over the stage's own readings, each stamped
+    # when it was taken. Splits without an entry here are divided by the cycle's dt.
+    watts: Mapping[tuple[str, str], float] = field(default_factory=dict)
+    # What the stage's collector renders, published together with the ledger's snapshot
+    # at the end of the cycle so that a scrape never mixes two cycles. None: nothing.
+    snapshot: object | None = None
 
 
 class EnergyStage(Protocol):
@@ -67,6 +73,15 @@ class EnergyStage(Protocol):
 
     def sample(self, now: float,
                workloads: Mapping[CgroupIdentity, WorkloadLabels | None]) -> StageResult: ...
+
+
+@dataclass(frozen=True)
+class PublishedCycle:
+    """One completed cycle as scrapes see it: the ledger's snapshot and, per stage (in
+    stage order), the snapshot its collector renders. Replaced as a whole, never edited."""
+
+    ledger: LedgerSnapshot = field(default_factory=LedgerSnapshot)
+    stages: tuple[object | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,7 +105,7 @@ class Sampler:
         self._clock = clock
         self._include_host_units = include_host_units
         self.ledger = EnergyLedger(config.retention_seconds, config.max_retained_containers)
-        self._snapshot = LedgerSnapshot()
+        self._published = PublishedCycle(stages=(None,) * len(self._stages))
         self._faultlog = RateLimitedLog(log)
         self._rapl_counters = RaplCounters()
         self._zones: list[RaplZone] = []
@@ -114,16 +129,28 @@ class Sampler:
         cfg = self._config
         zones, faults = discover_rapl_zones(cfg.sysfs)
         reading = read_rapl_zones(zones)
-        faults.extend(reading.faults)
+        readable = [z.zone for z in zones if z in reading.energy_uj]
+        by_design = bool(zones) and not readable and all(
+            f.reason == "permission" for f in reading.faults)
+        if by_design:
+            # Every zone is root-only (non-root mode, kernels since CVE-2020-8694): kwatt
+            # decides here not to use RAPL. That is a choice, not an outage, so it is said
+            # once and RAPL is neither read, nor counted, nor exported as down afterwards.
+            log.warning("RAPL is not used: every energy_uj is unreadable for this user "
+                        "(permission); run as root to measure", extra={
+                            "zones": ",".join(z.zone for z in zones)})
+            zones = []
+        else:
+            faults.extend(reading.faults)
         self._zones = zones
         for fault in faults:
             self._report(fault)
-        readable = [z.zone for z in zones if z in reading.energy_uj]
         if readable:
             log.info("reading RAPL energy counters", extra={"zones": ",".join(readable)})
         else:
-            why = "no powercap intel-rapl zones" if not zones else \
-                "no RAPL zone is readable (" + faults[0].reason + ")"
+            why = ("no RAPL zone is readable for this user" if by_design
+                   else "no powercap intel-rapl zones" if not zones
+                   else "no RAPL zone is readable (" + faults[0].reason + ")")
             log.warning(
                 "energy is estimated: %s under %s; using the linear per-vCPU model "
                 "(%.2f-%.2f W per vCPU); node series carry source=estimated",
@@ -152,7 +179,18 @@ class Sampler:
     # -- one cycle ------------------------------------------------------------------------
 
     def snapshot(self) -> LedgerSnapshot:
-        return self._snapshot
+        return self._published.ledger
+
+    def published(self) -> PublishedCycle:
+        """The last completed cycle; a scrape takes it once and renders everything from it."""
+        return self._published
+
+    def _publish(self, stages: Sequence[object | None] | None = None) -> None:
+        """Publish the ledger with the stages' snapshots of the same cycle (None: keep the
+        previous ones, for a cycle whose stages did not run)."""
+        self._published = PublishedCycle(
+            self.ledger.snapshot(),
+            self._published.stages if stages is None else tuple(stages))
 
     def sample(self) -> CycleReport:
         started = time.perf_counter()
@@ -173,12 +211,11 @@ class Sampler:
             cgroups = scan.cgroups
             faults.extend(scan.faults)
 
+        dt = None if self._previous_time is None else now - self._previous_time
         zone_deltas: dict[RaplZone, float] = {}
         if rapl_reading is not None:
-            zone_deltas, wrap_faults = self._rapl_counters.advance(rapl_reading)
+            zone_deltas, wrap_faults = self._rapl_counters.advance(rapl_reading, dt)
             faults.extend(wrap_faults)
-
-        dt = None if self._previous_time is None else now - self._previous_time
         utilisation: float | None = None
         node_busy_seconds = 0.0
         if cpu_times is not None and self._previous_cpu is not None:
@@ -208,8 +245,10 @@ class Sampler:
                         workload_joules[key] = workload_joules.get(key, 0.0) + joules
                 report_watts[(energy.component, energy.source)] = energy.joules / dt
         identities = {k: v for k, v in present.items() if isinstance(k, CgroupIdentity)}
+        stage_snapshots: list[object | None] = []
         for stage in self._stages:
             result = stage.sample(now, identities)
+            stage_snapshots.append(result.snapshot)
             faults.extend(result.faults)
             for source, up in result.source_up.items():
                 self.ledger.set_source_up(source, up)
@@ -217,10 +256,12 @@ class Sampler:
                 self.ledger.add_split(split)
                 for key, joules in split.to_workloads.items():
                     workload_joules[key] = workload_joules.get(key, 0.0) + joules
-                if dt:
+                if dt and (split.component, split.source) not in result.watts:
                     report_watts[(split.component, split.source)] = (
                         report_watts.get((split.component, split.source), 0.0)
                         + split.joules / dt)
+            for key, watts in result.watts.items():
+                report_watts[key] = report_watts.get(key, 0.0) + watts
         if dt is not None and dt > 0:
             self.ledger.node_power = dict(report_watts)
 
@@ -238,7 +279,7 @@ class Sampler:
         estimating = any(source == estimation.SOURCE for _, source in report_watts)
         self._publish_health(faults, rapl_reading is not None, estimating)
         self.ledger.observe_cycle(time.perf_counter() - started, now)
-        self._snapshot = self.ledger.snapshot()
+        self._publish(stage_snapshots)
         return CycleReport(dt, utilisation, report_watts,
                            {k: j / dt for k, j in workload_joules.items()} if dt else {})
 
@@ -347,7 +388,7 @@ class Sampler:
         (self._previous_time, self._previous_cpu, self._previous_usage,
          self._rapl_counters) = cursors  # type: ignore[assignment]
         self.ledger.count_error("sampler", "api")
-        self._snapshot = self.ledger.snapshot()
+        self._publish()
 
     def run(self, stop: threading.Event) -> None:
         interval = self._config.interval_seconds

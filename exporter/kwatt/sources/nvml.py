@@ -1,24 +1,29 @@
 """GPU energy and activity from NVML, behind a small interface of our own.
 
 ``NvmlBackend`` is the handful of NVML calls kwatt makes, addressed by GPU UUID;
-``PynvmlBackend`` implements it over nvidia-ml-py and ``kwatt.sources.nvml_fake`` over
-scripted values. ``GpuReader`` holds everything that is not a plain NVML call: discovery,
-turning the energy counter (or integrated power) into per-interval joules that never go
-backwards, the last-seen timestamp of per-process samples, GPUs that get lost and come
-back. Per-call errors become ``Fault`` objects (source ``nvml``); one bad GPU never stops
-the others.
+``PynvmlBackend`` implements it over nvidia-ml-py (tests/nvml_fake.py implements it over
+scripted values). ``GpuReader`` holds everything that is not a plain NVML call: discovery,
+turning the energy counter (or integrated power) into per-interval joules that pass the
+plausibility rule of ``kwatt.counters``, each stamped with the time it was read, the
+last-seen timestamp of per-process samples, GPUs that get lost and come back. Per-call
+errors become ``Fault`` objects (source ``nvml``); one bad GPU never stops the others.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from kwatt.counters import CounterLimits, ceiling_from_limits, checked_step
 from kwatt.faults import Fault
 
 SOURCE = "nvml"
+# The highest average power one NVML device can honestly show when it states no power
+# limit (kwatt.counters): twice the largest board power shipping today (B300, ~1.4 kW).
+GPU_BOUND_WATTS = 3000.0
 log = logging.getLogger("kwatt.nvml")
 
 
@@ -71,6 +76,8 @@ class NvmlBackend(Protocol):
     def index(self, uuid: str) -> int: ...
     def total_energy_mj(self, uuid: str) -> int: ...
     def power_mw(self, uuid: str) -> int: ...
+    def power_limit_mw(self, uuid: str) -> int:
+        """The enforced power limit (``nvmlDeviceGetEnforcedPowerLimit``)."""
     def utilisation_percent(self, uuid: str) -> int: ...
     def process_utilisation(self, uuid: str, since_us: int) -> list[ProcessSample]: ...
     def compute_pids(self, uuid: str) -> list[int]: ...
@@ -94,6 +101,7 @@ class GpuReading:
     compute_pids: tuple[int, ...] = ()
     instances: tuple[MigInstance, ...] = ()
     energy_source: str = "counter"  # counter or power (integrated nvmlDeviceGetPowerUsage)
+    read_at: float | None = None  # when the energy was read, on the reader's clock
 
 
 @dataclass(frozen=True)
@@ -117,14 +125,19 @@ class _GpuState:
     last_time: float | None = None
     last_seen_us: int = 0
     static_known: bool = False
+    ceiling_watts: float = GPU_BOUND_WATTS
     instances: tuple[MigInstance, ...] = field(default_factory=tuple)
 
 
 class GpuReader:
     """Reads every GPU once per cycle through a backend; keeps the counter state."""
 
-    def __init__(self, backend: NvmlBackend) -> None:
+    def __init__(self, backend: NvmlBackend,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._backend = backend
+        # Each GPU's energy is stamped when it is read, not when the cycle began: the
+        # stage may have waited on the kubelet first, and power is joules over these times.
+        self._clock = clock
         self._gpus: dict[str, _GpuState] = {}
         self._calls = 0
         self.driver_version = ""
@@ -174,16 +187,26 @@ class GpuReader:
         if len(faults) > before:
             return False
         gpu.index, gpu.model, gpu.mig_enabled = int(index), str(model), bool(mig)
+        gpu.ceiling_watts = self._current_ceiling(gpu)
         gpu.static_known = True
         return True
 
-    def read(self, now: float, want_pids: bool) -> NvmlCycle:
+    def _current_ceiling(self, gpu: _GpuState) -> float:
+        """Twice the enforced power limit as it is now, at most ``GPU_BOUND_WATTS``."""
+        try:
+            self._calls += 1
+            limits = [self._backend.power_limit_mw(gpu.uuid) / 1000.0]
+        except NvmlCallError:
+            limits = []  # the limit only narrows the ceiling; without it the bound applies
+        return ceiling_from_limits(limits, GPU_BOUND_WATTS)
+
+    def read(self, want_pids: bool) -> NvmlCycle:
         """One reading of every GPU. ``want_pids``: also list compute processes (host mode)."""
         self._calls = 0
         faults: list[Fault] = []
         if any(not g.up for g in self._gpus.values()):
             self._discover(faults)  # a GPU that fell off the bus may come back renumbered
-        out = [self._read_gpu(gpu, now, want_pids, faults) for gpu in self._gpus.values()]
+        out = [self._read_gpu(gpu, want_pids, faults) for gpu in self._gpus.values()]
         out.sort(key=lambda r: r.index)
         return NvmlCycle(tuple(out), tuple(faults), self._calls)
 
@@ -198,7 +221,7 @@ class GpuReader:
         gpu.static_known = False
         return GpuReading(gpu.index, gpu.uuid, gpu.model, gpu.mig_enabled, up=False)
 
-    def _read_gpu(self, gpu: _GpuState, now: float, want_pids: bool,
+    def _read_gpu(self, gpu: _GpuState, want_pids: bool,
                   faults: list[Fault]) -> GpuReading:
         b = self._backend
         before = len(faults)
@@ -208,11 +231,15 @@ class GpuReader:
             log.info("GPU is back", extra={"gpu": gpu.index, "uuid": gpu.uuid})
             gpu.up = True
 
-        joules, energy_source = self._energy(gpu, now, faults)
+        implausible: list[Fault] = []
+        joules, energy_source, read_at = self._energy(gpu, faults, implausible)
         if len(faults) > before:
             return self._mark_down(gpu)
-        dt = None if gpu.last_time is None else now - gpu.last_time
-        gpu.last_time = now
+        # An implausible step is counted, but the GPU answered: it stays up.
+        faults.extend(implausible)
+        before = len(faults)
+        dt = None if gpu.last_time is None else read_at - gpu.last_time
+        gpu.last_time = read_at
 
         utilisation: float | None = None
         samples: tuple[ProcessSample, ...] = ()
@@ -235,7 +262,7 @@ class GpuReader:
             return self._mark_down(gpu)
         return GpuReading(gpu.index, gpu.uuid, gpu.model, gpu.mig_enabled, True,
                           joules if dt is not None else None, dt, utilisation, samples, pids,
-                          instances, energy_source)
+                          instances, energy_source, read_at)
 
     def _optional(self, gpu: _GpuState, faults: list[Fault], fn: Callable[..., Any],
                   *args: Any) -> Any:
@@ -248,8 +275,9 @@ class GpuReader:
                                     f"{getattr(fn, '__name__', 'nvml')}: {exc.detail}"))
             return None
 
-    def _energy(self, gpu: _GpuState, now: float,
-                faults: list[Fault]) -> tuple[float | None, str]:
+    def _energy(self, gpu: _GpuState, faults: list[Fault], implausible: list[Fault]
+                ) -> tuple[float | None, str, float]:
+        """This interval's joules (None: unknown), where they come from, and when read."""
         b = self._backend
         if gpu.has_counter:
             self._calls += 1
@@ -259,32 +287,46 @@ class GpuReader:
                 if exc.kind != "not_supported":
                     faults.append(Fault(SOURCE, _FAULT_REASON.get(exc.kind, "api"), gpu.uuid,
                                         f"total_energy_mj: {exc.detail}"))
-                    return None, "counter"
+                    return None, "counter", self._clock()
                 log.info("GPU has no energy counter; integrating its power readings",
                          extra={"gpu": gpu.index, "uuid": gpu.uuid})
                 gpu.has_counter = False
             else:
+                read_at = self._clock()
                 previous = gpu.last_energy_mj
+                # Re-baselined on every reading: after a driver reload (the counter counts
+                # since driver load) or a glitch, the next interval is measured again.
                 gpu.last_energy_mj = mj
                 if previous is None:
-                    return None, "counter"
-                if mj < previous:
-                    # The counter counts since driver load: a reload restarts it. Never go
-                    # backwards; this one interval is lost, the next is measured again.
-                    log.warning("GPU energy counter went backwards (driver reload?); "
-                                "re-baselining", extra={"gpu": gpu.index, "uuid": gpu.uuid,
-                                                        "previous_mj": previous, "now_mj": mj})
-                    return 0.0, "counter"
-                return (mj - previous) / 1000.0, "counter"
+                    return None, "counter", read_at
+                dt = None if gpu.last_time is None else read_at - gpu.last_time
+                # A 64-bit counter in mJ never wraps: going back is a reset, never a wrap.
+                # A limit raised since discovery (nvidia-smi -pl) is re-read on rejection.
+                step, gpu.ceiling_watts = checked_step(
+                    previous, mj, dt, CounterLimits(1e-3, gpu.ceiling_watts, None),
+                    lambda: self._current_ceiling(gpu))
+                if step.problem is not None:
+                    implausible.append(Fault(SOURCE, "implausible", gpu.uuid,
+                                             f"total_energy_mj: {step.problem}"))
+                return step.joules, "counter", read_at
         mw = self._call(faults, gpu.uuid, b.power_mw, gpu.uuid)
+        read_at = self._clock()
         if mw is None:
-            return None, "power"
+            return None, "power", read_at
         previous_mw, gpu.last_power_mw = gpu.last_power_mw, int(mw)
         if previous_mw is None or gpu.last_time is None:
-            return None, "power"
+            return None, "power", read_at
         # Trapezoid over the interval: both ends are ~1 s averages NVML keeps for us.
-        watts = (previous_mw + int(mw)) / 2.0 / 1000.0
-        return max(watts, 0.0) * (now - gpu.last_time), "power"
+        watts = max((previous_mw + int(mw)) / 2.0 / 1000.0, 0.0)
+        if watts > gpu.ceiling_watts:
+            gpu.ceiling_watts = max(gpu.ceiling_watts, self._current_ceiling(gpu))
+        if watts > gpu.ceiling_watts:
+            implausible.append(Fault(SOURCE, "implausible", gpu.uuid,
+                                     f"power_mw: {watts:.0f} W is above the "
+                                     f"{gpu.ceiling_watts:.0f} W ceiling"))
+            gpu.last_power_mw = None
+            return None, "power", read_at
+        return watts * (read_at - gpu.last_time), "power", read_at
 
     def _process_samples(self, gpu: _GpuState,
                          faults: list[Fault]) -> tuple[ProcessSample, ...]:
@@ -385,6 +427,9 @@ class PynvmlBackend:
     def power_mw(self, uuid: str) -> int:
         return int(self._run(self._nv.nvmlDeviceGetPowerUsage, uuid))
 
+    def power_limit_mw(self, uuid: str) -> int:
+        return int(self._run(self._nv.nvmlDeviceGetEnforcedPowerLimit, uuid))
+
     def utilisation_percent(self, uuid: str) -> int:
         return int(self._run(self._nv.nvmlDeviceGetUtilizationRates, uuid).gpu)
 
@@ -434,12 +479,13 @@ def _mig_profile(device_name: str) -> str:
     return tail.strip() if sep else device_name
 
 
-def load_backend(factory: Callable[[], NvmlBackend] | None = None
+def load_backend(factory: Callable[[], NvmlBackend] | None = None,
+                 clock: Callable[[], float] = time.monotonic
                  ) -> tuple[GpuReader | None, str]:
     """A started reader, or None and a one-line reason why NVML cannot be used."""
     try:
         backend = factory() if factory is not None else PynvmlBackend()
-        reader = GpuReader(backend)
+        reader = GpuReader(backend, clock)
         faults = reader.start()
     except (NvmlUnavailable, ImportError, OSError) as exc:
         return None, str(exc) or type(exc).__name__

@@ -13,9 +13,23 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from kwatt.counters import CounterLimits, ceiling_from_limits, checked_step
 from kwatt.faults import Fault, reason_for_oserror
 
 SOURCE = "rapl"
+# The highest average power a zone can honestly show when powercap states no limit for it
+# (see kwatt.counters). Today's largest server sockets are rated 500 W (AMD EPYC 9005,
+# Intel Xeon 6900P); 3x that leaves room for turbo above TDP and for parts to come. DRAM:
+# 12 channels x 2 DIMMs at ~20 W is ~500 W per socket; 2x that. psys is the whole
+# platform. A glitch that looks like a wrap implies hundreds of kW, far above any of them.
+BOUND_WATTS = {"package": 1500.0, "core": 1500.0, "uncore": 1500.0, "dram": 1000.0,
+               "psys": 5000.0}
+UNKNOWN_ZONE_BOUND_WATTS = 5000.0
+# max_energy_range_uj is 2^32 energy units; the coarsest unit RAPL's ESU field allows is
+# 1 J, so no honest range exceeds 2^32 J. A range under 1 J would wrap many times per
+# interval and cannot be corrected either.
+MAX_ENERGY_RANGE_UJ = (1_000_000, 2**32 * 1_000_000)
+_CONSTRAINT_FILE = re.compile(r"^constraint_\d+_(max_power_uw|power_limit_uw)$")
 _ZONE_DIR = re.compile(r"^intel-rapl:(\d+)(?::(\d+))?$")
 _TRAILING_INDEX = re.compile(r"-\d+$")
 
@@ -29,6 +43,12 @@ class RaplZone:
     kind: str  # package, core, uncore, dram, psys, or the raw name for unknown zones
     energy_path: str
     max_energy_range_uj: int | None
+    ceiling_watts: float = UNKNOWN_ZONE_BOUND_WATTS  # see kwatt.counters
+
+    def current_ceiling(self) -> float:
+        """The ceiling from the zone's power limits as they are now (they can be raised at
+        runtime); read only when a step was rejected for its power."""
+        return zone_ceiling(os.path.dirname(self.energy_path), self.kind)
 
 
 @dataclass(frozen=True)
@@ -86,9 +106,38 @@ def discover_rapl_zones(sysfs: str) -> tuple[list[RaplZone], list[Fault]]:
         try:
             max_range = _read_int(os.path.join(zone_dir, "max_energy_range_uj")) or None
         except (OSError, ValueError):
-            max_range = None  # wraps then cannot be corrected; see energy_delta_uj
-        zones.append(RaplZone(label, index, kind, os.path.join(zone_dir, "energy_uj"), max_range))
+            max_range = None  # wraps then cannot be corrected; see kwatt.counters
+        if max_range is not None and not (
+                MAX_ENERGY_RANGE_UJ[0] <= max_range <= MAX_ENERGY_RANGE_UJ[1]):
+            faults.append(Fault(SOURCE, "implausible", f"{label} max_energy_range_uj",
+                                f"{max_range} is outside {MAX_ENERGY_RANGE_UJ[0]}.."
+                                f"{MAX_ENERGY_RANGE_UJ[1]}; wraps will not be corrected"))
+            max_range = None
+        zones.append(RaplZone(label, index, kind, os.path.join(zone_dir, "energy_uj"),
+                              max_range, zone_ceiling(zone_dir, kind)))
     return zones, faults
+
+
+def zone_ceiling(zone_dir: str, kind: str) -> float:
+    """Twice the highest power limit the zone states, at most the documented bound."""
+    return ceiling_from_limits(_power_limits_watts(zone_dir),
+                               BOUND_WATTS.get(kind, UNKNOWN_ZONE_BOUND_WATTS))
+
+
+def _power_limits_watts(zone_dir: str) -> list[float]:
+    """Every power limit and maximum the zone's powercap constraints state, in watts."""
+    try:
+        names = os.listdir(zone_dir)
+    except OSError:
+        return []
+    out: list[float] = []
+    for name in names:
+        if _CONSTRAINT_FILE.match(name):
+            try:
+                out.append(_read_int(os.path.join(zone_dir, name)) / 1e6)
+            except (OSError, ValueError):
+                continue  # an unreadable limit only means the generous bound applies
+    return out
 
 
 def read_rapl_zones(zones: Iterable[RaplZone]) -> RaplReading:
@@ -104,20 +153,6 @@ def read_rapl_zones(zones: Iterable[RaplZone]) -> RaplReading:
         except ValueError as exc:
             faults.append(Fault(SOURCE, "parse", f"{zone.zone} energy_uj", str(exc)))
     return RaplReading(values, tuple(faults))
-
-
-def energy_delta_uj(previous: int, current: int, max_range: int | None) -> int | None:
-    """Energy between two readings, correcting one wraparound; None if it cannot be known.
-
-    A counter that went down has wrapped (at most once: the sampling interval is far
-    shorter than the wrap period, minutes at full power). Without ``max_energy_range_uj``
-    the size of the wrap is unknown, so the interval is dropped rather than guessed.
-    """
-    if current >= previous:
-        return current - previous
-    if max_range is None or previous > max_range:
-        return None
-    return max_range - previous + current
 
 
 def component_energy_joules(zones: Iterable[RaplZone],
@@ -139,26 +174,35 @@ def component_energy_joules(zones: Iterable[RaplZone],
 
 
 class RaplCounters:
-    """Turns successive raw readings into per-zone joule deltas, wrap-corrected."""
+    """Turns successive raw readings into per-zone joule deltas that pass the plausibility
+    rule of ``kwatt.counters`` (wrap-aware, power ceiling)."""
 
     def __init__(self) -> None:
         self._previous: dict[RaplZone, int] = {}
+        # Ceilings re-derived after discovery because a power limit was raised at runtime.
+        self._ceilings: dict[RaplZone, float] = {}
 
-    def advance(self, reading: RaplReading) -> tuple[dict[RaplZone, float], list[Fault]]:
+    def advance(self, reading: RaplReading, dt: float | None
+                ) -> tuple[dict[RaplZone, float], list[Fault]]:
+        """``dt``: seconds since the previous reading (None: unknown, nothing is booked)."""
         deltas: dict[RaplZone, float] = {}
         faults: list[Fault] = []
         for zone, value in reading.energy_uj.items():
             previous = self._previous.get(zone)
+            # Re-baselined on every reading, plausible or not: a counter that really
+            # jumped (a reset, a new baseline) is measured again from the next interval.
             self._previous[zone] = value
             if previous is None:
                 continue
-            delta = energy_delta_uj(previous, value, zone.max_energy_range_uj)
-            if delta is None:
-                faults.append(Fault(SOURCE, "parse", f"{zone.zone} energy_uj",
-                                    f"counter went from {previous} to {value} with no "
-                                    "max_energy_range_uj to correct the wrap"))
-                continue
-            deltas[zone] = delta / 1e6
+            limits = CounterLimits(1e-6, self._ceilings.get(zone, zone.ceiling_watts),
+                                   zone.max_energy_range_uj)
+            step, self._ceilings[zone] = checked_step(previous, value, dt, limits,
+                                                      zone.current_ceiling)
+            if step.problem is not None:
+                faults.append(Fault(SOURCE, "implausible", f"{zone.zone} energy_uj",
+                                    step.problem))
+            elif step.joules is not None:
+                deltas[zone] = step.joules
         # A zone that failed must be re-baselined when it comes back: a delta spanning
         # the outage would add energy already covered by the fallback estimate.
         for zone in list(self._previous):

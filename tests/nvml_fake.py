@@ -1,8 +1,7 @@
 """A scripted ``NvmlBackend`` for tests and benchmarks: GPUs are plain objects whose
 counters the caller advances; faults are injected per GPU and per call.
 
-It lives in the package (not in tests/) because benchmarks/bench_gpu.py and the end-to-end
-checks drive the same GPU stage through it; it does no I/O and is never chosen by a flag.
+benchmarks/bench_gpu.py imports it from here (tests/ on its path), so there is one fake.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ class FakeGpu:
     model: str = "NVIDIA H100 80GB HBM3"
     energy_mj: int = 0
     power_mw: int = 0
+    power_limit_mw: int | None = 700_000  # None: not supported
     utilisation_percent: int = 0
     has_energy_counter: bool = True
     has_process_utilisation: bool = True
@@ -77,6 +77,12 @@ class FakeNvml:
 
     def power_mw(self, uuid: str) -> int:
         return self._gpu(uuid, "power_mw").power_mw
+
+    def power_limit_mw(self, uuid: str) -> int:
+        gpu = self._gpu(uuid, "power_limit_mw")
+        if gpu.power_limit_mw is None:
+            raise NvmlCallError("not_supported", "nvmlDeviceGetEnforcedPowerLimit")
+        return gpu.power_limit_mw
 
     def utilisation_percent(self, uuid: str) -> int:
         gpu = self._gpu(uuid, "utilisation_percent")
