@@ -7,6 +7,7 @@ backend, a kubelet socket, a fake API server) and get exactly the wiring users r
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import time
 from collections.abc import Callable
@@ -18,9 +19,12 @@ from prometheus_client.process_collector import ProcessCollector
 
 from kwatt.config import Config, split_listen_address
 from kwatt.gpu_stage import build_gpu_stage
+from kwatt.ledger import LedgerSnapshot
 from kwatt.metrics import KwattCollector, StaticInfo
 from kwatt.sampler import EnergyStage, Sampler
 from kwatt.sources.nvml import NvmlBackend
+from kwatt.state import StateFile
+from kwatt.statekeeper import StateKeeper
 from kwatt.web import WSGIApp, build_app, start_server
 from kwatt.webconfig import WebConfig, secure_app
 from kwatt.workloads.kubernetes import KubernetesParts, build_kubernetes, kubernetes_enabled
@@ -55,8 +59,16 @@ class Exporter:
         # system share.
         self.sampler = Sampler(config, self.namer, include_host_units=self.kube is None,
                                stages=stages)
+        self.state: StateKeeper | None = None
+        if config.state_file and not config.once:
+            self.state = StateKeeper(
+                StateFile(config.state_file),
+                os.path.join(config.procfs, "sys", "kernel", "random", "boot_id"),
+                self.sampler, gpu[0] if gpu else None)
+            self.state.restore()
+            self.sampler.on_cycle = self.state.cycle_done
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(KwattCollector(self.sampler.snapshot, StaticInfo(
+        self.registry.register(KwattCollector(self._scraped_snapshot, StaticInfo(
             node=config.node_name, interval_seconds=config.interval_seconds,
             carbon_intensity_grams_per_kwh=config.carbon_intensity_grams_per_kwh,
             energy_price_per_kwh=config.energy_price_per_kwh,
@@ -68,6 +80,17 @@ class Exporter:
         ProcessCollector(registry=self.registry)
         GCCollector(registry=self.registry)
         self._started = time.monotonic()
+
+    def _scraped_snapshot(self) -> LedgerSnapshot:
+        snapshot = self.sampler.snapshot()
+        if self.state is not None:
+            self.state.served(snapshot)
+        return snapshot
+
+    def save_state(self) -> None:
+        """At shutdown: the counters of the last snapshot a scrape saw, for the next start."""
+        if self.state is not None:
+            self.state.flush()
 
     def start_watch(self) -> None:
         if self.kube is not None:

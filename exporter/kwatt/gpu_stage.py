@@ -30,6 +30,7 @@ from kwatt.logs import RateLimitedLog
 from kwatt.sampler import StageResult
 from kwatt.sources import nvml
 from kwatt.sources.nvml import GpuReader, GpuReading, NvmlBackend
+from kwatt.state import GpuCounter
 from kwatt.workloads import podresources
 from kwatt.workloads.cgroups import CgroupIdentity, identify_cgroup_path
 from kwatt.workloads.podresources import DeviceAllocation, PodResourcesClient, parse_device_id
@@ -94,6 +95,16 @@ class GpuStage:
 
     def snapshot(self) -> GpuSnapshot:
         return self._snapshot
+
+    # -- restart state ----------------------------------------------------------------
+
+    def export_counters(self) -> dict[str, GpuCounter]:
+        return {uuid: GpuCounter(mj, when) for uuid, (mj, when) in
+                self._reader.counters().items()}
+
+    def restore_counters(self, counters: Mapping[str, GpuCounter]) -> int:
+        return self._reader.seed({uuid: (c.energy_mj, c.monotonic)
+                                  for uuid, c in counters.items()})
 
     # -- one cycle --------------------------------------------------------------------
 

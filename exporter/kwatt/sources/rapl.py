@@ -144,6 +144,14 @@ class RaplCounters:
     def __init__(self) -> None:
         self._previous: dict[RaplZone, int] = {}
 
+    def readings(self) -> dict[RaplZone, int]:
+        """The raw values the next deltas start from (for the restart state file)."""
+        return dict(self._previous)
+
+    def seed(self, values: Mapping[RaplZone, int]) -> None:
+        """Start the next deltas from values read before a restart."""
+        self._previous.update(values)
+
     def advance(self, reading: RaplReading) -> tuple[dict[RaplZone, float], list[Fault]]:
         deltas: dict[RaplZone, float] = {}
         faults: list[Fault] = []
