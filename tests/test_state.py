@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,30 @@ def test_a_file_over_the_size_bound_is_not_read_whole(tmp_path: Path) -> None:
     path.write_bytes(b" " * (MAX_BYTES + 10))
     with pytest.raises(StateRejected, match="too large"):
         StateFile(str(path)).read()
+
+
+def test_fifo_symlink_and_directory_are_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(StateRejected, match="not a regular file"):
+        StateFile(str(fifo)).read()  # a blocking open or read would hang here
+    target = tmp_path / "target"
+    target.write_bytes(encode(BOOT, COUNTERS))
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    with pytest.raises(StateRejected, match="symlink"):
+        StateFile(str(link)).read()
+    with pytest.raises(StateRejected, match="not a regular file"):
+        StateFile(str(tmp_path)).read()
+
+
+def test_write_does_not_follow_a_planted_symlink(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "state.tmp").symlink_to(victim)
+    with pytest.raises(OSError):
+        StateFile(str(tmp_path / "state")).write(b"{}")
+    assert victim.read_text() == "precious"
 
 
 def test_other_boot_stale_and_future_are_rejected() -> None:

@@ -12,9 +12,11 @@ with its reason, never trusted in part.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,20 +171,42 @@ class StateFile:
         self.path = path
 
     def read(self) -> bytes | None:
-        """The file's bytes, None when it does not exist; raises OSError, StateRejected."""
+        """The file's bytes, None when it does not exist; raises OSError, StateRejected.
+
+        Only a regular file, not through a symlink, and without blocking: a FIFO or a
+        device planted at the path must not hang the start or be read forever.
+        """
         try:
-            with open(self.path, "rb") as handle:
-                data = handle.read(MAX_BYTES + 1)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
         except FileNotFoundError:
             return None
-        if len(data) > MAX_BYTES:
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise StateRejected("not a regular file (a symlink)") from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StateRejected("not a regular file")
+            chunks: list[bytes] = []
+            size = 0
+            while size <= MAX_BYTES:
+                chunk = os.read(fd, min(1 << 20, MAX_BYTES + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+        finally:
+            os.close(fd)
+        if size > MAX_BYTES:
             raise StateRejected(f"too large: over {MAX_BYTES} bytes")
-        return data
+        return b"".join(chunks)
 
     def write(self, data: bytes) -> None:
         """Temporary file, fsync, rename: the old file or the new, never half of one."""
         temporary = f"{self.path}.tmp"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # O_NOFOLLOW: a symlink planted at the temporary name must not redirect a root
+        # process's write (e.g. a state file put in a world-writable directory).
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
             view = memoryview(data)
             while view:
