@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 from conftest import FakeClock, node_config
+from kwatt.gpu_stage import GpuStage
 from kwatt.ledger import LedgerSnapshot
 from kwatt.sampler import Sampler
+from kwatt.sources.nvml import GpuReader
+from kwatt.sources.nvml_fake import FakeGpu, FakeNvml
 from kwatt.state import (
     MAX_AGE_SECONDS,
     MAX_BYTES,
@@ -300,3 +303,47 @@ def test_unusable_state_is_ignored_in_one_line(tmp_path: Path, caplog, tamper: s
     assert reason in lines[0].__dict__["reason"]
     assert second.sample().dt is None  # nothing seeded: a first cycle, nothing booked
     assert _totals(second.snapshot())[0] == {}
+
+
+def test_gpu_energy_of_the_gap_is_booked_from_the_saved_nvml_counter(tmp_path: Path) -> None:
+    clock = FakeClock(200.0)
+    node, paths = _node(tmp_path / "node")
+    (node.procfs / "11").mkdir()
+    (node.procfs / "11" / "cgroup").write_text(f"0::{paths['web']}\n")
+    gpus = [FakeGpu("GPU-0", energy_mj=5_000_000, compute_pids=[11],
+                    utilisation_percent=100)]  # the hardware: outlives the processes
+    state = tmp_path / "state.json"
+
+    def start() -> tuple[Sampler, StateKeeper]:
+        reader = GpuReader(FakeNvml(gpus))
+        reader.start()
+        stage = GpuStage(reader, None, str(node.procfs))
+        sampler = Sampler(node_config(node), HostNamer(), clock=clock, stages=[stage])
+        keeper = StateKeeper(StateFile(str(state)),
+                             str(node.procfs / "sys" / "kernel" / "random" / "boot_id"),
+                             sampler, stage, clock=clock)
+        sampler.on_cycle = keeper.cycle_done
+        return sampler, keeper
+
+    first, keeper = start()
+    keeper.restore()
+    first.sample()
+    gpus[0].energy_mj += 300_000
+    _run(node, paths, 1.0, {"web": 1.0})
+    clock.advance(1.0)
+    first.sample()
+    keeper.served(first.snapshot())
+    keeper.flush()
+    gpus[0].energy_mj += 2_100_000  # 7 s at 300 W while no exporter ran
+    _run(node, paths, 7.0, {"web": 1.0})
+    clock.advance(7.0)
+    second, keeper2 = start()
+    assert keeper2.restore() is True
+    second.sample()
+    snap = second.snapshot()
+    gpu_node = sum(j for c, _s, j in snap.node_energy if c == "gpu")
+    assert gpu_node == pytest.approx(2100.0)
+    gpu_workloads = sum(j for r in snap.containers for c, j in r.energy if c == "gpu")
+    gpu_unattributed = sum(j for c, _r, j in snap.unattributed if c == "gpu")
+    assert gpu_workloads + gpu_unattributed == pytest.approx(gpu_node)
+    assert gpu_workloads > 0
