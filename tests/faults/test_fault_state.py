@@ -146,3 +146,20 @@ def test_unwritable_state_file_is_a_counted_fault_not_fatal(node: SimulatedNode,
     # Rate-limited: one line, not one per cycle.
     assert log.count("cannot write the restart state file") == 1, log
     assert exporter.proc.returncode == 0
+
+
+def test_shutdown_writes_the_last_scraped_sample(node: SimulatedNode, tmp_path: Path) -> None:
+    """A scrape after the last cycle and then SIGTERM: only the shutdown write keeps it."""
+    state = tmp_path / "state.json"
+    exporter = ExporterProcess(node, "--state.file", str(state), interval="60s",
+                               log_path=tmp_path / "exporter.log")
+    try:
+        exporter.wait_for_cycle(after=0)
+        exporter.metrics()  # served; the next cycle is a minute away
+        assert not state.exists()
+    finally:
+        exporter.stop()
+    saved = json.loads(state.read_bytes())
+    assert saved["boot_id"] == BOOT
+    assert saved["rapl_uj"] == {"0": node.zones["0"].energy_uj}
+    assert saved["cgroup_usage_seconds"]["/system.slice/app.service"] == pytest.approx(100.0)
