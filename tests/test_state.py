@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FakeClock, node_config
+from kwatt.config import ConfigError, load_config
 from kwatt.gpu_stage import GpuStage
 from kwatt.ledger import LedgerSnapshot
 from kwatt.sampler import Sampler
@@ -347,3 +348,18 @@ def test_gpu_energy_of_the_gap_is_booked_from_the_saved_nvml_counter(tmp_path: P
     gpu_unattributed = sum(j for c, _r, j in snap.unattributed if c == "gpu")
     assert gpu_workloads + gpu_unattributed == pytest.approx(gpu_node)
     assert gpu_workloads > 0
+
+
+def test_state_file_setting_from_flag_yaml_and_env(tmp_path: Path) -> None:
+    base = ["--kubernetes", "off", "--node-name", "n"]
+    assert load_config(base, env={}).state_file == ""  # off by default
+    assert load_config([*base, "--state.file", "/s/f"], env={}).state_file == "/s/f"
+    assert load_config(base, env={"KWATT_STATE_FILE": "/e/f"}).state_file == "/e/f"
+    config = tmp_path / "kwatt.yaml"
+    config.write_text("state:\n  file: /y/f\n")
+    assert load_config([*base, "--config", str(config)], env={}).state_file == "/y/f"
+    assert load_config([*base, "--config", str(config), "--state.file", ""],
+                       env={}).state_file == ""  # a flag turns it off again
+    config.write_text("state:\n  file: [1]\n")
+    with pytest.raises(ConfigError, match=r"state\.file"):
+        load_config([*base, "--config", str(config)], env={})
