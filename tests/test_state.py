@@ -120,6 +120,9 @@ def test_other_boot_stale_and_future_are_rejected() -> None:
         check_age(BOOT, COUNTERS, BOOT, COUNTERS.monotonic + MAX_AGE_SECONDS + 1)
     with pytest.raises(StateRejected, match="future"):
         check_age(BOOT, COUNTERS, BOOT, COUNTERS.monotonic - 60)
+    odd_gpu = Counters(COUNTERS.monotonic, 2, True, gpu={"GPU-1": GpuCounter(1, 10.0)})
+    with pytest.raises(StateRejected, match="GPU-1 read at another time"):
+        check_age(BOOT, odd_gpu, BOOT, COUNTERS.monotonic + 5)
 
 
 def test_write_replaces_atomically_and_leaves_no_temporary(tmp_path: Path) -> None:

@@ -153,6 +153,9 @@ def check_age(boot_id: str, counters: Counters, current_boot_id: str, now: float
         raise StateRejected(f"from the future ({-age:.1f}s ahead of CLOCK_MONOTONIC)")
     if age > max_age:
         raise StateRejected(f"stale: sampled {age:.0f}s ago (limit {max_age:.0f}s)")
+    for uuid, gpu in counters.gpu.items():
+        if not -_CLOCK_SLACK_SECONDS <= now - gpu.monotonic <= max_age:
+            raise StateRejected(f"inconsistent: {uuid} read at another time than the sample")
 
 
 def read_boot_id(path: str) -> str:
