@@ -115,7 +115,9 @@ def prometheus(tmp_path: Path) -> Iterator[tuple[Prometheus, list[Target]]]:
     port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump({
-        "global": {"scrape_interval": SCRAPE, "scrape_timeout": "1s"},
+        # A scrape that times out after kwatt rendered it counts as seen by kwatt but is
+        # not stored: the longest timeout keeps a loaded test machine from doing that.
+        "global": {"scrape_interval": SCRAPE, "scrape_timeout": SCRAPE},
         "scrape_configs": [{"job_name": "kwatt", "static_configs": [
             {"targets": [f"127.0.0.1:{t.port}" for t in targets]}]}],
     }))
@@ -146,6 +148,37 @@ def _recorded(prometheus: Prometheus, instance: str, start: float, end: float) -
     return total
 
 
+def _node_cpu(metrics: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith("kwatt_node_energy_joules_total{") and 'component="cpu"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no node cpu energy in {metrics[:2000]}")
+
+
+def _settle(prometheus: Prometheus, targets: list[Target],
+            timeout: float = 60.0) -> dict[str, float]:
+    """While the feed is paused: until every exporter has sampled at rest and Prometheus
+    holds that value. Returns each target's timestamp of that at-rest sample (polling,
+    not sleeping: a loaded machine only makes it slower)."""
+    stamps: dict[str, float] = {}
+    for target in targets:
+        process = target.process
+        assert process is not None
+        process.wait_for_cycle()
+        process.wait_for_cycle()  # a whole cycle that began after the pause
+        at_rest = _node_cpu(process.metrics())  # harmless to the state: nothing changes
+        deadline = time.monotonic() + timeout
+        while True:
+            result = prometheus.query(SERIES % f"127.0.0.1:{target.port}" + "[30s]")
+            samples = result[0]["values"] if result else []
+            if samples and abs(float(samples[-1][1]) - at_rest) < 1e-6:
+                stamps[target.name] = float(samples[-1][0])
+                break
+            assert time.monotonic() < deadline, (target.name, at_rest, samples[-3:])
+            time.sleep(0.2)
+    return stamps
+
+
 def test_restart_with_state_file_loses_under_one_percent_of_the_gap(prometheus) -> None:
     prom, targets = prometheus
     feeder = Feeder([t.node for t in targets])
@@ -155,9 +188,7 @@ def test_restart_with_state_file_loses_under_one_percent_of_the_gap(prometheus) 
             target.start()
         time.sleep(20)  # a counter well above the gap's energy, so the reset is visible
         fed_before = feeder.pause()
-        time.sleep(5)  # > interval + scrape interval: sampled and scraped at rest
-        window_start = time.time()
-        time.sleep(1)
+        window_start = _settle(prom, targets)
         feeder.resume()
         time.sleep(3.3)
         for target in targets:
@@ -169,7 +200,7 @@ def test_restart_with_state_file_loses_under_one_percent_of_the_gap(prometheus) 
         gap_s = time.monotonic() - stopped  # down time, as seen from outside
         time.sleep(6)
         fed_after = feeder.pause()
-        time.sleep(5)
+        _settle(prom, targets)
         window_end = time.time()
     finally:
         feeder.stop_event.set()
@@ -179,9 +210,10 @@ def test_restart_with_state_file_loses_under_one_percent_of_the_gap(prometheus) 
     loss = {}
     for target in targets:
         instance = f"127.0.0.1:{target.port}"
-        recorded = _recorded(prom, instance, window_start, window_end)
+        start = window_start[target.name]
+        recorded = _recorded(prom, instance, start, window_end)
         increase = prom.value(f"increase({SERIES % instance}"
-                              f"[{int(window_end - window_start)}s])", at=window_end)
+                              f"[{int(window_end - start)}s])", at=window_end)
         loss[target.name] = fed - recorded
         print(f"{target.name}: fed {fed:.1f} J, recorded {recorded:.1f} J, "
               f"increase() {increase:.1f} J, lost {fed - recorded:.1f} J = "
