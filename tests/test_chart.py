@@ -42,6 +42,7 @@ CI_VALUES = sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))
 CASES = ["default", *CI_VALUES]
 OPERATOR_GROUP = "monitoring.coreos.com"
 HOST_PATHS = {"/proc", "/sys", "/var/lib/kubelet/pod-resources"}
+STATE_DIR = "/var/lib/kwatt"
 
 
 def helm(*args: str, check: bool = True,
@@ -229,12 +230,22 @@ def test_every_host_path_is_read_only(case: str) -> None:
     spec = pod_spec(docs)
     host_volumes = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"]
                     if "hostPath" in v}
-    assert set(host_volumes.values()) == HOST_PATHS
+    # The restart state directory, only when running as root (kubelet creates it root-owned).
+    keeps_state = case != "non-root-values.yaml"
+    assert set(host_volumes.values()) == HOST_PATHS | ({STATE_DIR} if keeps_state else set())
     mounts = {m["name"]: m for m in exporter(docs)["volumeMounts"]}
-    for name in host_volumes:
-        assert mounts[name]["readOnly"] is True, name
-    # Everything else is read-only too: the exporter writes nothing.
-    assert all(m.get("readOnly") is True for m in mounts.values())
+    args = exporter(docs)["args"]
+    if keeps_state:
+        assert mounts["state"]["mountPath"] == STATE_DIR
+        assert mounts["state"]["readOnly"] is False
+        assert f"--state.file={STATE_DIR}/state.json" in args
+        assert spec["volumes"][[v["name"] for v in spec["volumes"]].index("state")][
+            "hostPath"]["type"] == "DirectoryOrCreate"
+    else:
+        assert "state" not in mounts
+        assert not any(a.startswith("--state.file") for a in args)
+    # Everything else is read-only: the exporter writes nothing but its state file.
+    assert all(m.get("readOnly") is True for n, m in mounts.items() if n != "state")
     assert mounts["host-proc"]["mountPath"] == "/host/proc"
     assert mounts["host-sys"]["mountPath"] == "/host/sys"
 
@@ -379,7 +390,8 @@ def test_chart_config_defaults_are_the_exporters_defaults(tmp_path: Path,
     args, _ = _mount_config("default", tmp_path, certs)
     from_chart = load_config(args, env={"NODE_NAME": "n"})
     defaults = load_config([], env={"NODE_NAME": "n"})
-    flags = {"procfs", "sysfs", "kubernetes", "pod_resources_socket", "listen_address"}
+    flags = {"procfs", "sysfs", "kubernetes", "pod_resources_socket", "listen_address",
+             "state_file"}  # the chart keeps restart state on the node; host mode does not
     for name in Config.__dataclass_fields__:
         if name not in flags:
             assert getattr(from_chart, name) == getattr(defaults, name), name

@@ -68,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _stop)
     exporter.sampler.run(stop)
     server.shutdown()
+    exporter.save_state()
     exporter.stop_watch()
     return 0
 

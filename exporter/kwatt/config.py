@@ -86,6 +86,7 @@ class Config:
     energy_price_currency: str = "USD"
     pue: float = 1.0
     clock_ticks_per_second: int = 100
+    state_file: str = ""  # restart state; empty: off
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     once: bool = False
@@ -264,6 +265,10 @@ SETTINGS: tuple[Setting, ...] = (
             "FORMAT"),
     Setting("--retention", "retention", "retention_seconds", _positive_duration,
             "how long a finished container's series stays exposed (default 5m)", "DURATION"),
+    Setting("--state.file", "state.file", "state_file",
+            lambda k, v: v if isinstance(v, str) else _string(k, v),
+            "file keeping the last counters across restarts, so a restart loses no energy; "
+            "empty: off (default off)", "FILE"),
 )
 
 # Keys only the YAML file (or env) sets: nested and rarely changed.

@@ -7,6 +7,7 @@ backend, a kubelet socket, a fake API server) and get exactly the wiring users r
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import time
 from collections.abc import Callable
@@ -20,8 +21,10 @@ from kwatt.config import Config, split_listen_address
 from kwatt.cycle_metrics import CycleCollector, StageRenderer
 from kwatt.gpu_stage import build_gpu_stage
 from kwatt.metrics import StaticInfo
-from kwatt.sampler import EnergyStage, Sampler
+from kwatt.sampler import EnergyStage, PublishedCycle, Sampler
 from kwatt.sources.nvml import NvmlBackend
+from kwatt.state import StateFile
+from kwatt.statekeeper import StateKeeper
 from kwatt.web import WSGIApp, build_app, start_server
 from kwatt.webconfig import WebConfig, secure_app
 from kwatt.workloads.kubernetes import KubernetesParts, build_kubernetes, kubernetes_enabled
@@ -56,11 +59,19 @@ class Exporter:
         # system share.
         self.sampler = Sampler(config, self.namer, include_host_units=self.kube is None,
                                stages=stages)
+        self.state: StateKeeper | None = None
+        if config.state_file and not config.once:
+            self.state = StateKeeper(
+                StateFile(config.state_file),
+                os.path.join(config.procfs, "sys", "kernel", "random", "boot_id"),
+                self.sampler, gpu[0] if gpu else None)
+            self.state.restore()
+            self.sampler.on_cycle = self.state.cycle_done
         self.registry = CollectorRegistry(auto_describe=False)
         # The GPU stage, when there is one, is stage 0; its families are rendered from the
         # same published cycle as the node's.
         stage_renderers: dict[int, StageRenderer] = {0: gpu[1]} if gpu else {}
-        self.registry.register(CycleCollector(self.sampler.published, StaticInfo(
+        self.registry.register(CycleCollector(self._scraped_cycle, StaticInfo(
             node=config.node_name, interval_seconds=config.interval_seconds,
             carbon_intensity_grams_per_kwh=config.carbon_intensity_grams_per_kwh,
             energy_price_per_kwh=config.energy_price_per_kwh,
@@ -71,6 +82,17 @@ class Exporter:
         ProcessCollector(registry=self.registry)
         GCCollector(registry=self.registry)
         self._started = time.monotonic()
+
+    def _scraped_cycle(self) -> PublishedCycle:
+        cycle = self.sampler.published()
+        if self.state is not None:
+            self.state.served(cycle.ledger)
+        return cycle
+
+    def save_state(self) -> None:
+        """At shutdown: the counters of the last snapshot a scrape saw, for the next start."""
+        if self.state is not None:
+            self.state.flush()
 
     def start_watch(self) -> None:
         if self.kube is not None:

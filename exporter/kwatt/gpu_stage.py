@@ -33,6 +33,7 @@ from kwatt.logs import RateLimitedLog
 from kwatt.sampler import StageResult
 from kwatt.sources import nvml
 from kwatt.sources.nvml import GpuReader, GpuReading, NvmlBackend
+from kwatt.state import GpuCounter
 from kwatt.text import decode_bytes
 from kwatt.workloads import podresources
 from kwatt.workloads.cgroups import CgroupIdentity, identify_cgroup_path
@@ -103,6 +104,16 @@ class GpuStage:
         """The stage's latest snapshot, for tests; scrapes render the sampler's published
         cycle instead, which can lag this by the rest of a cycle."""
         return self._snapshot
+
+    # -- restart state ----------------------------------------------------------------
+
+    def export_counters(self) -> dict[str, GpuCounter]:
+        return {uuid: GpuCounter(mj, when) for uuid, (mj, when) in
+                self._reader.counters().items()}
+
+    def restore_counters(self, counters: Mapping[str, GpuCounter]) -> int:
+        return self._reader.seed({uuid: (c.energy_mj, c.monotonic)
+                                  for uuid, c in counters.items()})
 
     # -- one cycle --------------------------------------------------------------------
 

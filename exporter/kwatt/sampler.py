@@ -35,6 +35,7 @@ from kwatt.sources.rapl import (
     discover_rapl_zones,
     read_rapl_zones,
 )
+from kwatt.state import Counters, StateRejected
 from kwatt.text import clean_text, is_clean
 from kwatt.workloads.cgroups import (
     CgroupIdentity,
@@ -121,6 +122,8 @@ class Sampler:
                                  "dram": config.attribution.idle_watts_dram}
         self._memory_bytes: int | None = None
         self._last_faults: set[tuple[str, str, str]] = set()
+        # Called in this thread after each cycle has published its snapshot (restart state).
+        self.on_cycle: Callable[[LedgerSnapshot], None] | None = None
         self._discover()
 
     # -- setup ----------------------------------------------------------------------------
@@ -280,6 +283,8 @@ class Sampler:
         self._publish_health(faults, rapl_reading is not None, estimating)
         self.ledger.observe_cycle(time.perf_counter() - started, now)
         self._publish(stage_snapshots)
+        if self.on_cycle is not None:
+            self.on_cycle(self._published.ledger)
         return CycleReport(dt, utilisation, report_watts,
                            {k: j / dt for k, j in workload_joules.items()} if dt else {})
 
@@ -371,6 +376,49 @@ class Sampler:
             self._faultlog.forget(f"{source}|{reason}|{subject}")
             log.info("source read recovered", extra={"source": source, "subject": subject})
         self._last_faults = current
+
+    # -- restart state --------------------------------------------------------------------
+
+    def export_counters(self) -> Counters | None:
+        """The raw counters the last completed cycle ended on; None before the first."""
+        if self._previous_time is None:
+            return None
+        cpu = self._previous_cpu
+        return Counters(
+            self._previous_time,
+            self._cgroup_layout.version if self._cgroup_layout is not None else 0,
+            self._include_host_units,
+            None if cpu is None else cpu.busy_ticks, None if cpu is None else cpu.idle_ticks,
+            {zone.index: value for zone, value in self._rapl_counters.readings().items()},
+            {}, dict(self._previous_usage))
+
+    def restore_counters(self, counters: Counters) -> None:
+        """Continue from counters saved before a restart, so that the first cycle books the
+        gap's energy from the deltas. Raises ``StateRejected`` (nothing seeded) when they
+        do not belong to this node as it is now: another cgroup layout, or a counter that
+        is now lower (a RAPL wrap in the gap cannot be told from a foreign file)."""
+        version = self._cgroup_layout.version if self._cgroup_layout is not None else 0
+        if (counters.cgroup_version, counters.host_units) != (version,
+                                                              self._include_host_units):
+            raise StateRejected("inconsistent: saved under another cgroup layout or mode")
+        cpu, _ = read_node_cpu(self._config.procfs)
+        if cpu is not None and counters.node_busy_ticks is not None and (
+                cpu.busy_ticks < counters.node_busy_ticks
+                or cpu.idle_ticks < (counters.node_idle_ticks or 0)):
+            raise StateRejected("inconsistent: node CPU time is lower now than saved")
+        by_index = {zone.index: zone for zone in self._zones}
+        seeds = {by_index[i]: v for i, v in counters.rapl_uj.items() if i in by_index}
+        now = read_rapl_zones(seeds).energy_uj
+        lower = sorted(z.zone for z, v in seeds.items() if z in now and now[z] < v)
+        if lower:
+            raise StateRejected("inconsistent: RAPL counter lower now than saved ("
+                                + ",".join(lower) + ")")
+        self._rapl_counters.seed(seeds)
+        if cpu is not None and counters.node_busy_ticks is not None:
+            self._previous_cpu = NodeCpuTimes(counters.node_busy_ticks,
+                                              counters.node_idle_ticks or 0, cpu.vcpus)
+        self._previous_usage = dict(counters.cgroup_usage)
+        self._previous_time = counters.monotonic
 
     # -- the loop -------------------------------------------------------------------------
 

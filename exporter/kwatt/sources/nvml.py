@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -209,6 +209,23 @@ class GpuReader:
         out = [self._read_gpu(gpu, want_pids, faults) for gpu in self._gpus.values()]
         out.sort(key=lambda r: r.index)
         return NvmlCycle(tuple(out), tuple(faults), self._calls)
+
+    def counters(self) -> dict[str, tuple[int, float]]:
+        """UUID -> (energy mJ, when read) the next deltas start from (restart state)."""
+        return {g.uuid: (g.last_energy_mj, g.last_time) for g in self._gpus.values()
+                if g.has_counter and g.last_energy_mj is not None and g.last_time is not None}
+
+    def seed(self, counters: Mapping[str, tuple[int, float]]) -> int:
+        """Start the next deltas from counters read before a restart; returns how many
+        GPUs were seeded. A counter that is lower by then (driver reload) takes the
+        normal backwards path: re-baselined, nothing booked."""
+        seeded = 0
+        for uuid, (energy_mj, when) in counters.items():
+            gpu = self._gpus.get(uuid)
+            if gpu is not None and gpu.has_counter:
+                gpu.last_energy_mj, gpu.last_time = energy_mj, when
+                seeded += 1
+        return seeded
 
     def _mark_down(self, gpu: _GpuState) -> GpuReading:
         if gpu.up:

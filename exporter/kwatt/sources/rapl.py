@@ -182,6 +182,14 @@ class RaplCounters:
         # Ceilings re-derived after discovery because a power limit was raised at runtime.
         self._ceilings: dict[RaplZone, float] = {}
 
+    def readings(self) -> dict[RaplZone, int]:
+        """The raw values the next deltas start from (for the restart state file)."""
+        return dict(self._previous)
+
+    def seed(self, values: Mapping[RaplZone, int]) -> None:
+        """Start the next deltas from values read before a restart."""
+        self._previous.update(values)
+
     def advance(self, reading: RaplReading, dt: float | None
                 ) -> tuple[dict[RaplZone, float], list[Fault]]:
         """``dt``: seconds since the previous reading (None: unknown, nothing is booked)."""
