@@ -98,7 +98,8 @@ class Exporter:
             KwattCollector(self.sampler.snapshot, _static_info(config)))
         self.registry.register(self._kwatt_collector)
         self.registry.register(ServerCollector(
-            lambda: self.server.stats if self.server is not None else None))
+            lambda: self.server.stats if self.server is not None else None,
+            config.node_name))
         if gpu is not None:
             self.registry.register(gpu[1])
         if self.kube is not None:

@@ -90,25 +90,27 @@ class ServerStats:
 
 
 class ServerCollector(Collector):
-    def __init__(self, stats: Callable[[], ServerStats | None]) -> None:
+    def __init__(self, stats: Callable[[], ServerStats | None], node: str) -> None:
         self._stats = stats
+        self._node = node
 
     def collect(self) -> Iterator[Metric]:
         stats = self._stats()
         if stats is None:
             return
         open_now = GaugeMetricFamily(
-            "kwatt_http_connections", "HTTP connections open now (all states).")
-        open_now.add_metric((), stats.open_connections)
+            "kwatt_http_connections", "HTTP connections open now (all states).",
+            labels=("node",))
+        open_now.add_metric((self._node,), stats.open_connections)
         yield open_now
         dropped = CounterMetricFamily(
             "kwatt_http_connections_dropped_total",
             "HTTP connections the server closed early, by reason: limit (over the "
             "connection cap), handshake_timeout, head_timeout, write_timeout, "
             "head_too_large, bad_request, tls_error, reset (by the client).",
-            labels=("reason",))
+            labels=("node", "reason"))
         for reason in DROP_REASONS:
-            dropped.add_metric((reason,), stats.dropped[reason])
+            dropped.add_metric((self._node, reason), stats.dropped[reason])
         yield dropped
 
 

@@ -223,7 +223,8 @@ def test_connections_over_the_cap_evict_the_oldest_unfinished_one(
         status, body = _get(server.port, "/metrics")
         assert status == 200
         dropped = re.search(
-            rb'^kwatt_http_connections_dropped_total\{reason="limit"\} (\S+)$', body, re.M)
+            rb'^kwatt_http_connections_dropped_total\{node="sim",reason="limit"\} (\S+)$',
+            body, re.M)
         assert dropped and float(dropped.group(1)) >= 40 + 1 - 16
         deadline = time.monotonic() + 10
         while _open_count(idle) > 16 and time.monotonic() < deadline:
@@ -246,8 +247,8 @@ def test_oversized_and_malformed_request_heads_are_refused(
     assert _get(server.port, "/healthz")[0] in (200, 503)
     status, body = _get(server.port, "/metrics")
     assert status == 200
-    assert re.search(rb'kwatt_http_connections_dropped_total\{reason="head_too_large"\} 1',
-                     body)
+    assert re.search(
+        rb'kwatt_http_connections_dropped_total\{node="sim",reason="head_too_large"\} 1', body)
 
 
 # --------------------------------------------------------------------------- basic auth
