@@ -59,13 +59,15 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
-def build_node(root: Path, pods: int) -> SimulatedNode:
+def build_node(root: Path, pods: int, units: int) -> SimulatedNode:
     node = SimulatedNode(root, cgroup_version=2, driver="systemd", vcpus=32)
     node.add_intel_server_zones(sockets=2)
     for i in range(pods):
         pod = node.add_pod(pod_uid(f"bench-{i}"), ("guaranteed", "burstable")[i % 2])
         for j in range(3):
             node.add_cpu(node.add_container(pod, container_id(f"b-{i}-{j}")).path, 1.0)
+    for i in range(units):  # host mode exposes systemd units as workloads
+        node.add_cpu(node.add_unit(f"/system.slice/bench-{i}.service"), 1.0)
     node.add_node_cpu(busy_seconds=10, idle_seconds=100)
     return node
 
@@ -275,13 +277,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--slow", type=int, default=1000)
     parser.add_argument("--pods", type=int, default=110)
+    parser.add_argument("--units", type=int, default=200)
     parser.add_argument("--cost", type=int, default=10)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         (tmp / "certs").mkdir()
         certs = make_test_certs(tmp / "certs")
-        node = build_node(tmp / "node", args.pods)
+        node = build_node(tmp / "node", args.pods, args.units)
         hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(args.cost)).decode()
         print(f"bcrypt cost {args.cost}; {os.cpu_count()} CPUs; load generator on the same "
               "machine")

@@ -72,7 +72,8 @@ class ServerLimits:
     write_timeout_seconds: float = 30.0
     max_head_bytes: int = 16 * 1024
     max_body_bytes: int = 64 * 1024
-    workers: int = 4
+    # Basic auth may hold three (one bcrypt, two waiting): the others keep answering.
+    workers: int = 6
     # The kernel caps this at net.core.somaxconn.
     backlog: int = 1024
 

@@ -33,6 +33,7 @@ import os
 import re
 import ssl
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -277,15 +278,18 @@ class BasicAuthChecker:
     - An unknown user is checked against a decoy hash of the highest configured cost, so
       it takes as long as a wrong password for a known user and timing does not tell
       which user names exist.
-    - Credentials not in the cache run one bcrypt at a time; while ``max_waiting`` more
-      wait for it, further ones are refused without a check. Brute force therefore costs
-      at most one core-share of bcrypt and a few worker threads, and verified scrapes,
-      answered from the cache, never wait behind it.
+    - Credentials not in the cache run one bcrypt at a time, and a failed check is
+      followed by a pause as long as the check (no CPU), so failures use at most half a
+      core. While ``max_waiting`` more wait, further ones are refused without a check.
+      Brute force therefore costs a bounded share of one core and a few worker threads,
+      and verified scrapes, answered from the cache, never wait behind it.
     """
 
     def __init__(self, users: Mapping[str, str], cache_size: int = 64,
                  checkpw: Callable[[bytes, bytes], bool] = bcrypt.checkpw,
-                 max_waiting: int = 2) -> None:
+                 max_waiting: int = 2,
+                 pause: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._users = {user.encode(): hashed.encode() for user, hashed in users.items()}
         self._verified: OrderedDict[bytes, None] = OrderedDict()
         self._failed: OrderedDict[bytes, None] = OrderedDict()
@@ -296,6 +300,8 @@ class BasicAuthChecker:
         self._waiting = 0
         self._max_waiting = max_waiting
         self.refused = 0  # checks refused because max_waiting were already queued
+        self._pause = pause
+        self._clock = clock
         cost = max((bcrypt_cost(h) for h in self._users.values()), default=10)
         self._decoy = bcrypt.hashpw(b"kwatt-decoy", bcrypt.gensalt(rounds=cost))
 
@@ -323,7 +329,10 @@ class BasicAuthChecker:
                 cached = self._cached(key)  # the same credentials may just have been checked
                 if cached is not None:
                     return cached
+                started = self._clock()
                 verdict = self._bcrypt(user, password)
+                if not verdict:  # halves the CPU a stream of wrong guesses can take
+                    self._pause(self._clock() - started)
         finally:
             with self._lock:
                 self._waiting -= 1

@@ -308,6 +308,24 @@ def test_failed_checks_run_one_bcrypt_at_a_time_and_never_delay_verified_scrapes
     assert most == 1
 
 
+def test_a_failed_check_is_followed_by_a_pause_as_long_as_the_check() -> None:
+    now = [0.0]
+    pauses: list[float] = []
+
+    def slow_checkpw(password: bytes, hashed: bytes) -> bool:
+        now[0] += 0.25  # what bcrypt costs on this (fake) clock
+        return bcrypt.checkpw(password, hashed)
+
+    checker = BasicAuthChecker({"prometheus": _hash(PASSWORD, 4)}, checkpw=slow_checkpw,
+                               pause=pauses.append, clock=lambda: now[0])
+    assert not checker.check(b"prometheus", b"wrong")
+    assert not checker.check(b"nobody", b"wrong")
+    assert checker.check(b"prometheus", PASSWORD.encode())
+    # Failures leave the CPU idle as long as they used it: at most half a core; a
+    # successful check is not slowed down.
+    assert pauses == [0.25, 0.25]
+
+
 # --------------------------------------------------------------------------- resets
 
 
