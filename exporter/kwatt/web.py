@@ -195,6 +195,7 @@ class HTTPServer:
         self._jobs: queue.SimpleQueue[tuple[_Connection, dict[str, Any]] | None] = \
             queue.SimpleQueue()
         self._done: collections.deque[tuple[_Connection, bytes, bool]] = collections.deque()
+        self._next_expiry = 0.0
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._workers = [threading.Thread(target=self._work, name=f"http-worker-{i}",
@@ -246,15 +247,28 @@ class HTTPServer:
                 except BlockingIOError:
                     pass
             else:
-                conn = key.data
-                if self._conns.get(conn.fd) is conn:
-                    self._step(key.data)
+                client: _Connection = key.data
+                if self._conns.get(client.fd) is client:
+                    self._guarded(client, self._step, client)
         while self._done:
             conn, response, keep_alive = self._done.popleft()
             # Identity, not the fd: a closed connection's fd may already serve another.
             if self._conns.get(conn.fd) is conn:
-                self._respond(conn, response, keep_alive)
-        self._expire()
+                self._guarded(conn, self._respond, conn, response, keep_alive)
+        now = self._clock()
+        if now >= self._next_expiry:
+            self._next_expiry = now + 0.25
+            self._expire()
+
+    def _guarded(self, conn: _Connection, action: Callable[..., None], *args: Any) -> None:
+        """A bug in handling one connection costs that connection, never the server."""
+        try:
+            action(*args)
+        except Exception as exc:
+            self._errors.log(logging.ERROR, "bug", "HTTP connection failed",
+                             client=_client(conn.addr), error=f"{type(exc).__name__}: {exc}")
+            if self._conns.get(conn.fd) is conn:
+                self._close(conn)
 
     def _wake(self) -> None:
         try:
