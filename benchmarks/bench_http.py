@@ -59,15 +59,20 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
+WORKLOADS: list[str] = []
+
+
 def build_node(root: Path, pods: int, units: int) -> SimulatedNode:
     node = SimulatedNode(root, cgroup_version=2, driver="systemd", vcpus=32)
     node.add_intel_server_zones(sockets=2)
     for i in range(pods):
         pod = node.add_pod(pod_uid(f"bench-{i}"), ("guaranteed", "burstable")[i % 2])
         for j in range(3):
-            node.add_cpu(node.add_container(pod, container_id(f"b-{i}-{j}")).path, 1.0)
+            WORKLOADS.append(node.add_container(pod, container_id(f"b-{i}-{j}")).path)
     for i in range(units):  # host mode exposes systemd units as workloads
-        node.add_cpu(node.add_unit(f"/system.slice/bench-{i}.service"), 1.0)
+        WORKLOADS.append(node.add_unit(f"/system.slice/bench-{i}.service"))
+    for path in WORKLOADS:
+        node.add_cpu(path, 1.0)
     node.add_node_cpu(busy_seconds=10, idle_seconds=100)
     return node
 
@@ -147,9 +152,17 @@ def start(node: SimulatedNode, tmp: Path, certs: Certs | None, hashed: str) -> E
     if certs is not None:
         text += f"tls_server_config:\n  cert_file: {certs.cert}\n  key_file: {certs.key}\n"
     web.write_text(text)
-    exporter = ExporterProcess(node, f"--web.config.file={web}", interval="5s",
+    exporter = ExporterProcess(node, f"--web.config.file={web}", interval="2s",
                                log_path=tmp / f"exporter-{time.monotonic_ns()}.log")
-    time.sleep(3)  # past the first cycles (wait_for_cycle cannot: /metrics needs auth)
+    # Workloads get series once they use CPU between two cycles (wait_for_cycle cannot
+    # tell: /metrics needs auth).
+    time.sleep(1)
+    for path in WORKLOADS:
+        node.add_cpu(path, 0.5)
+    node.add_node_cpu(busy_seconds=10, idle_seconds=100)
+    for zone in ("0", "1", "0:2", "1:2"):
+        node.add_energy(zone, 300.0)
+    time.sleep(3)
     return exporter
 
 
@@ -277,7 +290,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--slow", type=int, default=1000)
     parser.add_argument("--pods", type=int, default=110)
-    parser.add_argument("--units", type=int, default=200)
+    parser.add_argument("--units", type=int, default=150)
     parser.add_argument("--cost", type=int, default=10)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
