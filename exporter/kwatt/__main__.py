@@ -37,8 +37,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kwatt-exporter: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_format)
-    signals = _Signals()
-    signals.install()
 
     try:
         exporter = Exporter(config, web_config, ssl_context)
@@ -50,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_once(exporter.sampler, exporter.namer, config.interval_seconds,
                         config.node_name, sys.stdout, time.sleep)
 
+    signals = _Signals()
+    signals.install()
     try:
         server = exporter.serve()
     except OSError as exc:

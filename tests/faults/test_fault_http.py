@@ -31,6 +31,8 @@ from kwatt.config import ConfigError
 from kwatt.exporter import Exporter
 from kwatt.web import ServerLimits
 from kwatt.webconfig import BasicAuthChecker, WebConfig, build_ssl_context, load_web_config
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from simnode import SimulatedNode
 
 PASSWORD = "s3cret-scrape"
@@ -249,6 +251,34 @@ def test_oversized_and_malformed_request_heads_are_refused(
     assert status == 200
     assert re.search(
         rb'kwatt_http_connections_dropped_total\{node="sim",reason="head_too_large"\} 1', body)
+
+
+class _SlowCountingCollector(Collector):
+    """Stands for a render that takes a while (~1,000 series take ~10 ms of CPU)."""
+
+    def __init__(self) -> None:
+        self.collects = 0
+
+    def collect(self) -> Iterator[Metric]:
+        self.collects += 1
+        time.sleep(0.3)
+        yield GaugeMetricFamily("kwatt_test_slow", "a slow collector", value=1)
+
+
+def test_concurrent_scrapes_share_one_render(served: Callable[..., _ServedExporter]) -> None:
+    server = served()
+    slow = _SlowCountingCollector()
+    server.exporter.registry.register(slow)
+    results: list[int] = []
+    scrapers = [threading.Thread(target=lambda: results.append(
+        _get(server.port, "/metrics")[0])) for _ in range(24)]
+    for scraper in scrapers:
+        scraper.start()
+    for scraper in scrapers:
+        scraper.join(60)
+    assert results == [200] * 24
+    # One render per scrape queued 24 renders (7 s here, minutes with 50 real scrapers).
+    assert slow.collects <= 12, slow.collects
 
 
 # --------------------------------------------------------------------------- basic auth
