@@ -220,8 +220,12 @@ def test_bcrypt_verdicts_are_cached_per_credential(password_hash: str) -> None:
     assert len(calls) == 1
     assert not checker.check(b"prometheus", b"wrong")
     assert not checker.check(b"prometheus", b"x" * 100)  # over bcrypt's 72-byte limit
-    assert checker.check(b"prometheus", PASSWORD.encode())  # evicted (size 2), checked again
-    assert len(calls) == 4
+    assert not checker.check(b"prometheus", b"wrong")  # a failure is cached too
+    assert len(calls) == 3
+    for guess in range(5):  # failed guesses fill their own cache, never evict a verified one
+        assert not checker.check(b"prometheus", f"guess-{guess}".encode())
+    assert checker.check(b"prometheus", PASSWORD.encode())
+    assert len(calls) == 8
     assert not checker.check(b"eve", PASSWORD.encode())  # unknown user: decoy hash, still False
 
 
@@ -250,6 +254,8 @@ def test_bcrypt_verdicts_are_cached_per_credential(password_hash: str) -> None:
     ("basic_auth_users:\n  prometheus: plaintext-password\n",
      r"basic_auth_users\.prometheus: not a bcrypt hash"),
     ("basic_auth_users:\n  prometheus: '$2y$99$" + "a" * 53 + "'\n",
+     r"basic_auth_users\.prometheus: bcrypt cost 99 is above the maximum of 14"),
+    ("basic_auth_users:\n  prometheus: '$2y$10$" + "a" * 53 + "'\n",
      r"basic_auth_users\.prometheus: invalid bcrypt hash"),
     ("basic_auth_user:\n  prometheus: x\n", r"unknown key 'basic_auth_user'"),
     ("rate_limit:\n  interval: 1s\n", r"rate_limit: not supported"),

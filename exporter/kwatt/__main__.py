@@ -20,6 +20,8 @@ from kwatt.webconfig import WebConfig, build_ssl_context, load_web_config
 
 log = logging.getLogger("kwatt")
 
+SAMPLER_JOIN_SECONDS = 0.5
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
@@ -46,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_once(exporter.sampler, exporter.namer, config.interval_seconds,
                         config.node_name, sys.stdout, time.sleep)
 
+    signals = _Signals()
+    signals.install()
     try:
         server = exporter.serve()
     except OSError as exc:
@@ -58,19 +62,86 @@ def main(argv: Sequence[str] | None = None) -> int:
         "listen": f"{bound[0]!s}:{bound[1]}", "interval_seconds": config.interval_seconds,
         "tls": web_config.tls is not None, "basic_auth": bool(web_config.basic_auth_users)})
 
-    stop = threading.Event()
-
-    def _stop(signum: int, frame: FrameType | None) -> None:
-        log.info("shutting down", extra={"signal": signal.Signals(signum).name})
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    exporter.sampler.run(stop)
-    server.shutdown()
+    # The sampler runs on its own thread so that the main thread, which handles the
+    # signals, is never stuck behind a read that hangs (a FIFO, a hung mount, an API).
+    sampler = threading.Thread(target=exporter.sampler.run, args=(signals.stop,),
+                               name="kwatt-sampler", daemon=True)
+    sampler.start()
+    reloader = _Reloader(args, exporter)
+    while not signals.stop.is_set():
+        signals.wake.wait(1.0)
+        signals.wake.clear()
+        if signals.stop.is_set():
+            break
+        if signals.reload.is_set():
+            signals.reload.clear()
+            reloader.reload()
+    log.info("shutting down", extra={"signal": signals.received})
+    exporter.stop()
+    sampler.join(SAMPLER_JOIN_SECONDS)  # a blocked sampler is a daemon thread: left behind
     exporter.save_state()
-    exporter.stop_watch()
     return 0
+
+
+class _Signals:
+    """Handlers only set flags; the main loop acts on them (logging or reloading inside a
+    handler could deadlock on a lock the interrupted code holds)."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.reload = threading.Event()
+        self.wake = threading.Event()
+        self.received = ""
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum).name
+        self.stop.set()
+        self.wake.set()
+
+    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        self.reload.set()
+        self.wake.set()
+
+
+class _Reloader:
+    """SIGHUP: re-read --config and --web.config.file as Prometheus does. A bad file is
+    one log line and the running configuration stays; nothing here may end the process."""
+
+    def __init__(self, args: list[str], exporter: Exporter) -> None:
+        self._args = args
+        self._exporter = exporter
+        self._restart_reported: list[str] = []
+
+    def reload(self) -> None:
+        try:
+            config = load_config(self._args)
+            web_config = load_web_config(config.web_config_file) \
+                if config.web_config_file else WebConfig()
+            ssl_context = build_ssl_context(web_config.tls) if web_config.tls else None
+        except ConfigError as exc:
+            log.error("reload failed; still running the previous configuration",
+                      extra={"error": str(exc)})
+            return
+        except Exception as exc:  # a bug in a reader must not take the exporter down
+            log.error("reload failed; still running the previous configuration",
+                      extra={"error": f"{type(exc).__name__}: {exc}"})
+            return
+        before = self._exporter.config
+        restart = self._exporter.reload(config, web_config, ssl_context)
+        if (config.log_level, config.log_format) != (before.log_level, before.log_format):
+            configure_logging(config.log_level, config.log_format)
+        log.info("configuration reloaded", extra={
+            "tls": web_config.tls is not None,
+            "basic_auth": bool(web_config.basic_auth_users)})
+        if restart and restart != self._restart_reported:
+            log.warning("changed settings need a restart to take effect; they keep their "
+                        "running values", extra={"keys": ",".join(restart)})
+        self._restart_reported = restart
 
 
 if __name__ == "__main__":

@@ -6,33 +6,64 @@ backend, a kubelet socket, a fake API server) and get exactly the wiring users r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import ssl
 import time
-from collections.abc import Callable
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
+from kwatt.certwatch import DEFAULT_PERIOD_SECONDS, CertWatcher
 from kwatt.config import Config, split_listen_address
 from kwatt.cycle_metrics import CycleCollector, StageRenderer
 from kwatt.gpu_stage import build_gpu_stage
 from kwatt.metrics import StaticInfo
+from kwatt.reload import LIVE_SETTINGS, changed_settings
 from kwatt.sampler import EnergyStage, PublishedCycle, Sampler
 from kwatt.sources.nvml import NvmlBackend
 from kwatt.state import StateFile
 from kwatt.statekeeper import StateKeeper
-from kwatt.web import WSGIApp, build_app, start_server
-from kwatt.webconfig import WebConfig, secure_app
+from kwatt.web import (
+    DEFAULT_LIMITS,
+    HTTPServer,
+    ServerCollector,
+    ServerLimits,
+    build_app,
+    start_server,
+)
+from kwatt.webconfig import SecureApp, WebConfig, secure_app
 from kwatt.workloads.kubernetes import KubernetesParts, build_kubernetes, kubernetes_enabled
 from kwatt.workloads.naming import HostNamer, WorkloadNamer
 
 log = logging.getLogger("kwatt")
 
 UNHEALTHY_AFTER_INTERVALS = 3
+# A watch stuck in a hanging API call must not hold up SIGTERM (the pod has 2 s).
+WATCH_STOP_JOIN_SECONDS = 0.5
+
+
+class _Swappable(Collector):
+    """Delegates to a collector that a reload may replace in one assignment."""
+
+    def __init__(self, inner: Collector) -> None:
+        self.inner = inner
+
+    def collect(self) -> Iterable[Metric]:
+        return self.inner.collect()
+
+
+def _static_info(config: Config) -> StaticInfo:
+    return StaticInfo(
+        node=config.node_name, interval_seconds=config.interval_seconds,
+        carbon_intensity_grams_per_kwh=config.carbon_intensity_grams_per_kwh,
+        energy_price_per_kwh=config.energy_price_per_kwh,
+        energy_price_currency=config.energy_price_currency, pue=config.pue)
 
 
 class Exporter:
@@ -40,10 +71,17 @@ class Exporter:
 
     def __init__(self, config: Config, web_config: WebConfig | None = None,
                  ssl_context: ssl.SSLContext | None = None,
-                 gpu_backend_factory: Callable[[], NvmlBackend] | None = None) -> None:
+                 gpu_backend_factory: Callable[[], NvmlBackend] | None = None,
+                 server_limits: ServerLimits = DEFAULT_LIMITS,
+                 tls_reload_period_seconds: float = DEFAULT_PERIOD_SECONDS) -> None:
         self.config = config
         self.web_config = web_config or WebConfig()
         self.ssl_context = ssl_context
+        self.server_limits = server_limits
+        self.server: HTTPServer | None = None
+        self._tls_reload_period = tls_reload_period_seconds
+        self._cert_watcher: CertWatcher | None = None
+        self._secure: SecureApp | None = None
         self.namer: WorkloadNamer = HostNamer(config.docker_root)
         gpu = build_gpu_stage(config, gpu_backend_factory)
         stages: list[EnergyStage] = [gpu[0]] if gpu else []
@@ -70,13 +108,13 @@ class Exporter:
         self.registry = CollectorRegistry(auto_describe=False)
         # The GPU stage, when there is one, is stage 0; its families are rendered from the
         # same published cycle as the node's.
-        stage_renderers: dict[int, StageRenderer] = {0: gpu[1]} if gpu else {}
-        self.registry.register(CycleCollector(self._scraped_cycle, StaticInfo(
-            node=config.node_name, interval_seconds=config.interval_seconds,
-            carbon_intensity_grams_per_kwh=config.carbon_intensity_grams_per_kwh,
-            energy_price_per_kwh=config.energy_price_per_kwh,
-            energy_price_currency=config.energy_price_currency, pue=config.pue),
-            stage_renderers))
+        self._stage_renderers: dict[int, StageRenderer] = {0: gpu[1]} if gpu else {}
+        self._kwatt_collector = _Swappable(CycleCollector(
+            self._scraped_cycle, _static_info(config), self._stage_renderers))
+        self.registry.register(self._kwatt_collector)
+        self.registry.register(ServerCollector(
+            lambda: self.server.stats if self.server is not None else None,
+            config.node_name))
         if self.kube is not None:
             self.registry.register(self.kube.collector)
         ProcessCollector(registry=self.registry)
@@ -108,16 +146,63 @@ class Exporter:
             return False, f"no sampler cycle completed in {age:.1f}s (limit {limit:.1f}s)"
         return True, f"ok: {snap.cycles} cycles, last {age:.1f}s ago"
 
-    def app(self) -> WSGIApp:
-        return secure_app(build_app(self.registry, self.healthy), self.web_config)
+    def app(self) -> SecureApp:
+        if self._secure is None:
+            self._secure = secure_app(build_app(self.registry, self.healthy), self.web_config)
+        return self._secure
 
-    def serve(self) -> WSGIServer:
+    def serve(self) -> HTTPServer:
         """Start the HTTP server in a thread; raises OSError when it cannot listen."""
         host, port = split_listen_address(self.config.listen_address)
-        server, _ = start_server(self.app(), host, port, ssl_context=self.ssl_context)
-        return server
+        self.server, _ = start_server(self.app(), host, port, ssl_context=self.ssl_context,
+                                      limits=self.server_limits)
+        self._watch_certificates()
+        return self.server
+
+    def _watch_certificates(self) -> None:
+        if self._cert_watcher is not None:
+            self._cert_watcher.stop()
+            self._cert_watcher = None
+        if self.server is None or self.web_config.tls is None:
+            return
+        server = self.server
+
+        def use(context: ssl.SSLContext) -> None:
+            self.ssl_context = context
+            server.ssl_context = context
+
+        self._cert_watcher = CertWatcher(self.web_config.tls, use, self._tls_reload_period)
+        self._cert_watcher.start()
+
+    def reload(self, config: Config, web_config: WebConfig,
+               ssl_context: ssl.SSLContext | None) -> list[str]:
+        """Apply a re-read configuration (SIGHUP): the web config (users, headers, TLS) and
+        the settings in LIVE_SETTINGS take effect now; returns the names of changed
+        settings that need a restart, which keep their running values."""
+        live, restart = changed_settings(self.config, config)
+        kept = {dest: getattr(self.config, dest) for dest in (
+            f.name for f in dataclasses.fields(Config)) if dest not in LIVE_SETTINGS}
+        self.config = dataclasses.replace(config, **kept)
+        if live:
+            self._kwatt_collector.inner = CycleCollector(
+                self._scraped_cycle, _static_info(self.config), self._stage_renderers)
+        self.web_config = web_config
+        self.ssl_context = ssl_context
+        self.app().update(web_config)
+        if self.server is not None:
+            self.server.ssl_context = ssl_context
+            self._watch_certificates()
+        return restart
+
+    def stop(self) -> None:
+        """Stop serving and watching, each bounded: a hanging dependency cannot delay it."""
+        if self._cert_watcher is not None:
+            self._cert_watcher.stop()
+        if self.server is not None:
+            self.server.shutdown(timeout=1.0)
+        self.stop_watch()
 
     def stop_watch(self) -> None:
         if self.kube is not None:
             self.kube.watcher.stop()
-            self.kube.watcher.join(5)
+            self.kube.watcher.join(WATCH_STOP_JOIN_SECONDS)

@@ -13,10 +13,11 @@ The file format is the one Prometheus exporters share (``--web.config.file``)::
     basic_auth_users:
       prometheus: $2y$10$...                         # bcrypt hashes
 
-Unlike the Go toolkit, kwatt reads the file once, at startup: a problem is a startup
-error (``ConfigError``, exit 2) rather than a scrape that fails later, and a changed
-certificate needs a restart (the Helm chart rolls the pods when its Secret changes).
-Keys kwatt does not implement are rejected by name instead of being silently ignored.
+A problem at startup is a startup error (``ConfigError``, exit 2) rather than a scrape
+that fails later; on SIGHUP the file is read again and a bad one is logged while the running
+settings stay (kwatt.__main__). Changed certificate files are picked up without a signal
+(kwatt.certwatch). Keys kwatt does not implement are rejected by name instead of being
+silently ignored.
 
 ``/healthz`` stays reachable without credentials so kubelet probes (which cannot send
 basic auth) keep working; it reveals only whether the sampler is cycling.
@@ -32,6 +33,7 @@ import os
 import re
 import ssl
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -79,6 +81,10 @@ _ALLOWED_HEADERS = ("Content-Security-Policy", "X-Frame-Options", "X-Content-Typ
                     "X-XSS-Protection", "Strict-Transport-Security")
 # $2a$/$2b$/$2y$, two-digit cost, 22 characters of salt and 31 of hash.
 _BCRYPT_RE = re.compile(r"^\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}$")
+# Each step doubles the work: 10 takes ~60 ms, 14 about a second, 31 would take days
+# (and is checked once at start). htpasswd -B writes 5 to 17; 10 to 12 is the usual choice.
+BCRYPT_MIN_COST = 4
+BCRYPT_MAX_COST = 14
 
 
 @dataclass(frozen=True)
@@ -181,9 +187,18 @@ def _parse_users(path: str, node: Mapping[Any, Any]) -> dict[str, str]:
         where = _where(path, "basic_auth_users", str(user))
         if not isinstance(user, str) or not user or ":" in user:
             raise ConfigError(f"{where}: user names must be non-empty strings without ':'")
-        if not isinstance(hashed, str) or not _BCRYPT_RE.match(hashed):
+        match = _BCRYPT_RE.match(hashed) if isinstance(hashed, str) else None
+        if match is None:
             raise ConfigError(f"{where}: not a bcrypt hash (expected $2y$<cost>$..., "
                               "e.g. from htpasswd -nBC 10)")
+        cost = int(match.group(1))
+        if cost > BCRYPT_MAX_COST:
+            raise ConfigError(f"{where}: bcrypt cost {cost} is above the maximum of "
+                              f"{BCRYPT_MAX_COST}; use 10 to 12")
+        if cost < BCRYPT_MIN_COST:
+            raise ConfigError(f"{where}: bcrypt cost {cost} is below the minimum of "
+                              f"{BCRYPT_MIN_COST}")
+        assert isinstance(hashed, str)
         try:
             # One check now rejects hashes the regex lets through (e.g. a cost of 99).
             bcrypt.checkpw(b"", hashed.encode())
@@ -247,46 +262,97 @@ def build_ssl_context(tls: TLSSettings, source: str = "--web.config.file") -> ss
     return context
 
 
-class BasicAuthChecker:
-    """Checks basic-auth credentials against bcrypt hashes, caching the verdicts.
+def bcrypt_cost(hashed: bytes) -> int:
+    return int(hashed.split(b"$")[2])
 
-    A bcrypt check costs tens of milliseconds by design; Prometheus sends the same
-    credentials every scrape, so each (user, password) verdict is cached under a SHA-256
-    of the pair (the password itself is never kept). The cache is bounded so a client
-    trying many passwords cannot grow it without limit.
+
+class BasicAuthChecker:
+    """Checks basic-auth credentials against bcrypt hashes, as exporter-toolkit does but
+    with failures bounded.
+
+    - A bcrypt check costs tens of milliseconds by design; Prometheus sends the same
+      credentials every scrape, so verified credentials are cached under a SHA-256 of
+      user and password (the password itself is never kept), in their own bounded cache
+      that failed guesses cannot evict. Recent failures are cached too (a scraper with a
+      stale password costs one check, not one per scrape).
+    - An unknown user is checked against a decoy hash of the highest configured cost, so
+      it takes as long as a wrong password for a known user and timing does not tell
+      which user names exist.
+    - Credentials not in the cache run one bcrypt at a time, and a failed check is
+      followed by a pause as long as the check (no CPU), so failures use at most half a
+      core. While ``max_waiting`` more wait, further ones are refused without a check.
+      Brute force therefore costs a bounded share of one core and a few worker threads,
+      and verified scrapes, answered from the cache, never wait behind it.
     """
 
     def __init__(self, users: Mapping[str, str], cache_size: int = 64,
-                 checkpw: Callable[[bytes, bytes], bool] = bcrypt.checkpw) -> None:
+                 checkpw: Callable[[bytes, bytes], bool] = bcrypt.checkpw,
+                 max_waiting: int = 2,
+                 pause: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._users = {user.encode(): hashed.encode() for user, hashed in users.items()}
-        self._cache: OrderedDict[bytes, bool] = OrderedDict()
+        self._verified: OrderedDict[bytes, None] = OrderedDict()
+        self._failed: OrderedDict[bytes, None] = OrderedDict()
         self._cache_size = cache_size
         self._checkpw = checkpw
         self._lock = threading.Lock()
-        # Unknown users are checked against this so they take as long as known ones.
-        self._decoy = bcrypt.hashpw(b"kwatt-decoy", bcrypt.gensalt(rounds=10))
+        self._unverified = threading.Lock()
+        self._waiting = 0
+        self._max_waiting = max_waiting
+        self.refused = 0  # checks refused because max_waiting were already queued
+        self._pause = pause
+        self._clock = clock
+        cost = max((bcrypt_cost(h) for h in self._users.values()), default=10)
+        self._decoy = bcrypt.hashpw(b"kwatt-decoy", bcrypt.gensalt(rounds=cost))
+
+    def _cached(self, key: bytes) -> bool | None:
+        with self._lock:
+            if key in self._verified:
+                self._verified.move_to_end(key)
+                return True
+            if key in self._failed:
+                return False
+            return None
 
     def check(self, user: bytes, password: bytes) -> bool:
         key = hashlib.sha256(user + b"\x00" + password).digest()
+        cached = self._cached(key)
+        if cached is not None:
+            return cached
         with self._lock:
-            cached = self._cache.get(key)
-            if cached is not None:
-                self._cache.move_to_end(key)
-                return cached
+            if self._waiting > self._max_waiting:
+                self.refused += 1
+                return False
+            self._waiting += 1
+        try:
+            with self._unverified:
+                cached = self._cached(key)  # the same credentials may just have been checked
+                if cached is not None:
+                    return cached
+                started = self._clock()
+                verdict = self._bcrypt(user, password)
+                if not verdict:  # halves the CPU a stream of wrong guesses can take
+                    self._pause(self._clock() - started)
+        finally:
+            with self._lock:
+                self._waiting -= 1
+        with self._lock:
+            cache = self._verified if verdict else self._failed
+            cache[key] = None
+            while len(cache) > self._cache_size:
+                cache.popitem(last=False)
+        return verdict
+
+    def _bcrypt(self, user: bytes, password: bytes) -> bool:
         hashed = self._decoy
         known = False
         for name, candidate in self._users.items():
             if hmac.compare_digest(name, user):
                 hashed, known = candidate, True
         try:
-            verdict = self._checkpw(password, hashed) and known
+            return self._checkpw(password, hashed) and known
         except ValueError:  # bcrypt refuses passwords over 72 bytes
-            verdict = False
-        with self._lock:
-            self._cache[key] = verdict
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return verdict
+            return False
 
 
 def _credentials(header: str) -> tuple[bytes, bytes] | None:
@@ -301,15 +367,32 @@ def _credentials(header: str) -> tuple[bytes, bytes] | None:
     return (user, password) if sep else None
 
 
-def secure_app(app: WSGIApp, config: WebConfig,
-               checker: BasicAuthChecker | None = None) -> WSGIApp:
-    """Wrap ``app`` with basic auth (all paths but /healthz) and the configured headers."""
-    users_checker = checker
-    if users_checker is None and config.basic_auth_users:
-        users_checker = BasicAuthChecker(config.basic_auth_users)
-    extra_headers = list(config.headers)
+class SecureApp:
+    """Wraps an app with basic auth (all paths but /healthz) and the configured headers.
 
-    def secured(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+    ``update`` swaps the users and headers in one assignment, so a reload (SIGHUP) applies
+    to the next request without a restart and a request never sees half of each.
+    """
+
+    def __init__(self, app: WSGIApp, config: WebConfig,
+                 checker: BasicAuthChecker | None = None) -> None:
+        self._app = app
+        self._settings = self._build(config, checker)
+
+    @staticmethod
+    def _build(config: WebConfig, checker: BasicAuthChecker | None
+               ) -> tuple[BasicAuthChecker | None, list[tuple[str, str]]]:
+        if checker is None and config.basic_auth_users:
+            checker = BasicAuthChecker(config.basic_auth_users)
+        return checker, list(config.headers)
+
+    def update(self, config: WebConfig) -> None:
+        self._settings = self._build(config, None)
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse
+                 ) -> Iterable[bytes]:
+        users_checker, extra_headers = self._settings
+
         def respond(status: str, headers: list[tuple[str, str]],
                     exc_info: Any = None) -> Any:
             return start_response(status, headers + extra_headers, exc_info)
@@ -321,6 +404,10 @@ def secure_app(app: WSGIApp, config: WebConfig,
                     ("Content-Type", "text/plain; charset=utf-8"),
                     ("WWW-Authenticate", 'Basic realm="kwatt", charset="UTF-8"')])
                 return [b"Unauthorized\n"]
-        return app(environ, respond)
+        return self._app(environ, respond)
 
-    return secured
+
+def secure_app(app: WSGIApp, config: WebConfig,
+               checker: BasicAuthChecker | None = None) -> SecureApp:
+    """Wrap ``app`` with basic auth (all paths but /healthz) and the configured headers."""
+    return SecureApp(app, config, checker)
