@@ -1,4 +1,6 @@
-# kwatt exporter image. Build: docker build -t <registry>/kwatt-exporter:0.1.0 .
+# kwatt exporter image. Build (the version comes from scripts/version):
+#   docker build --build-arg VERSION="$(scripts/version)" -t <registry>/kwatt-exporter:"$(scripts/version)" .
+# Releases are built for linux/amd64 and linux/arm64 by .github/workflows/release.yml.
 # The base is pinned by tag; pin it by digest too (FROM python:...@sha256:...) where your
 # registry policy requires it.
 

@@ -70,6 +70,9 @@ class Config:
     interval_seconds: float = 5.0
     kubernetes: str = "auto"
     kubeconfig: str | None = None
+    # KUBECONFIG from the environment, as kubectl reads it (one path or several joined by
+    # ':'); used when no kubeconfig is configured, before the in-cluster service account.
+    kubeconfig_env: str | None = None
     service_account_dir: str = DEFAULT_SERVICE_ACCOUNT_DIR
     node_name: str = ""
     pod_resources_socket: str = DEFAULT_POD_RESOURCES_SOCKET
@@ -502,6 +505,8 @@ def load_config(argv: Sequence[str], env: Mapping[str, str] | None = None,
 
     if "node_name" not in values and environ.get("NODE_NAME"):
         values["node_name"] = environ["NODE_NAME"]
+    if environ.get("KUBECONFIG"):
+        values["kubeconfig_env"] = environ["KUBECONFIG"]
 
     top: dict[str, Any] = {}
     nested: dict[str, dict[str, Any]] = {"attribution": {}, "model": {}}
