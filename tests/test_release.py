@@ -206,3 +206,21 @@ def test_dashboards_import_without_editing() -> None:
         assert uids <= {"${datasource}"}, uids
         kinds = {r["id"] for r in model["__requires"] if r["type"] == "panel"}
         assert kinds == {p["type"] for p in model["panels"]}
+
+
+def test_help_groups_flags_by_prefix_as_node_exporter_does() -> None:
+    result = subprocess.run([sys.executable, "-m", "kwatt", "--help"], capture_output=True,
+                            text=True, timeout=60, check=True)
+    sections: dict[str, list[str]] = {}
+    current = ""
+    for line in result.stdout.splitlines():
+        if line and not line.startswith(" ") and line.endswith(":"):
+            current = line[:-1]
+        for flag in re.findall(r"^  (--[\w.-]+)", line):
+            sections.setdefault(current, []).append(flag)
+    assert sections["web server"] == ["--web.listen-address", "--web.config.file"]
+    assert sections["paths"] == ["--path.procfs", "--path.sysfs"]
+    assert sections["logging"] == ["--log.level", "--log.format"]
+    assert "--kubeconfig" in sections["kubernetes"]
+    assert sections["general"] == ["--config", "--once", "--version"]
+    assert "$KUBECONFIG" in result.stdout

@@ -252,7 +252,8 @@ SETTINGS: tuple[Setting, ...] = (
             lambda k, v: _choice(k, v, TRISTATE),
             "auto (in-cluster when the service-account token exists), on, off", "MODE"),
     Setting("--kubeconfig", "kubernetes.kubeconfig", "kubeconfig", _string,
-            "kubeconfig to use instead of the in-cluster service account", "FILE"),
+            "kubeconfig to use; else $KUBECONFIG, else the in-cluster service account",
+            "FILE"),
     Setting("--node-name", "node_name", "node_name", _string,
             "the node this exporter runs on (default: env NODE_NAME, else the hostname)",
             "NAME"),
@@ -326,14 +327,29 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "metrics.",
         allow_abbrev=False,
     )
-    parser.add_argument("--config", metavar="FILE", help="YAML config file")
+    general = parser.add_argument_group("general")
+    general.add_argument("--config", metavar="FILE", help="YAML config file")
+    general.add_argument("--once", action="store_true",
+                         help="take two samples one interval apart, print a table, exit")
+    general.add_argument("--version", action="store_true", help="print the version and exit")
+    # One section per flag prefix, as node_exporter's --help reads (web., path., log., ...):
+    # a new setting lands in its section by its YAML path alone.
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for setting in SETTINGS:
-        parser.add_argument(setting.flag, dest=setting.dest, metavar=setting.metavar,
-                            help=f"{setting.help} [env {setting.env}]")
-    parser.add_argument("--once", action="store_true",
-                        help="take two samples one interval apart, print a table, exit")
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
+        prefix, dot, _ = setting.yaml_path.partition(".")
+        title = HELP_SECTIONS.get(prefix, prefix if dot else "sampling")
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        groups[title].add_argument(setting.flag, dest=setting.dest, metavar=setting.metavar,
+                                   help=f"{setting.help} [env {setting.env}]")
     return parser
+
+
+# --help sections by the first part of a setting's YAML path (a new prefix gets its own
+# section under its own name); top-level keys are "sampling".
+HELP_SECTIONS = {"web": "web server", "path": "paths", "kubernetes": "kubernetes",
+                 "kubelet": "kubernetes", "node_name": "kubernetes", "gpu": "gpus",
+                 "log": "logging", "state": "restart state"}
 
 
 def _flatten(prefix: str, node: Mapping[str, Any], out: dict[str, Any]) -> None:
