@@ -11,9 +11,9 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY exporter/ exporter/
-# Wheels for kwatt and only its [project.dependencies]: no test or build tooling reaches
-# the final image.
-RUN pip wheel --wheel-dir /wheels .
+# Wheels for kwatt, its [project.dependencies] and the otlp extra (--otlp.endpoint): no
+# test or build tooling reaches the final image.
+RUN pip wheel --wheel-dir /wheels ".[otlp]"
 
 # ---- runtime -------------------------------------------------------------------------------
 FROM python:3.11.14-slim-bookworm
@@ -31,7 +31,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # resolved, and no compiler or sdist build in this image. pip compiles the .pyc files now,
 # so the read-only root filesystem costs nothing at start-up.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels "kwatt==${VERSION}"
+    pip install --no-index --find-links=/wheels "kwatt[otlp]==${VERSION}"
 # Non-root by default (nobody). The Helm chart runs it as UID 0 only where RAPL counters
 # must be read (they are root-only); see runAsRoot in helm/kwatt/values.yaml.
 USER 65534:65534

@@ -90,6 +90,8 @@ class Config:
     pue: float = 1.0
     clock_ticks_per_second: int = 100
     state_file: str = ""  # restart state; empty: off
+    otlp_endpoint: str = ""  # OTLP/HTTP metrics URL; empty: no push
+    otlp_interval_seconds: float = 60.0
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     once: bool = False
@@ -218,6 +220,13 @@ class Setting:
         return "KWATT_" + re.sub(r"[^A-Z0-9]", "_", self.flag.lstrip("-").upper())
 
 
+def _otlp_endpoint(key: str, value: object) -> str:
+    text = value if isinstance(value, str) else _string(key, value)
+    if text and not re.match(r"^https?://[^/\s]+", text):
+        raise ConfigError(f"{key}: {text!r} is not an http:// or https:// URL")
+    return text
+
+
 def _positive_duration(key: str, value: object) -> float:
     return parse_duration(key, value)
 
@@ -273,6 +282,11 @@ SETTINGS: tuple[Setting, ...] = (
             lambda k, v: v if isinstance(v, str) else _string(k, v),
             "file keeping the last counters across restarts, so a restart loses no energy; "
             "empty: off (default off)", "FILE"),
+    Setting("--otlp.endpoint", "otlp.endpoint", "otlp_endpoint", _otlp_endpoint,
+            "also push the metrics over OTLP/HTTP to this URL, e.g. "
+            "http://otel-collector:4318/v1/metrics (needs kwatt[otlp]; default off)", "URL"),
+    Setting("--otlp.interval", "otlp.interval", "otlp_interval_seconds", _positive_duration,
+            "how often to push over OTLP (default 60s)", "DURATION"),
 )
 
 # Keys only the YAML file (or env) sets: nested and rarely changed.
