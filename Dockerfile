@@ -1,4 +1,6 @@
-# kwatt exporter image. Build: docker build -t <registry>/kwatt-exporter:0.1.0 .
+# kwatt exporter image. Build (the version comes from scripts/version):
+#   docker build --build-arg VERSION="$(scripts/version)" -t <registry>/kwatt-exporter:"$(scripts/version)" .
+# Releases are built for linux/amd64 and linux/arm64 by .github/workflows/release.yml.
 # The base is pinned by tag; pin it by digest too (FROM python:...@sha256:...) where your
 # registry policy requires it.
 
@@ -9,9 +11,9 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY exporter/ exporter/
-# Wheels for kwatt and only its [project.dependencies]: no test or build tooling reaches
-# the final image.
-RUN pip wheel --wheel-dir /wheels .
+# Wheels for kwatt, its [project.dependencies] and the otlp extra (--otlp.endpoint): no
+# test or build tooling reaches the final image.
+RUN pip wheel --wheel-dir /wheels ".[otlp]"
 
 # ---- runtime -------------------------------------------------------------------------------
 FROM python:3.11.14-slim-bookworm
@@ -29,7 +31,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # resolved, and no compiler or sdist build in this image. pip compiles the .pyc files now,
 # so the read-only root filesystem costs nothing at start-up.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels "kwatt==${VERSION}"
+    pip install --no-index --find-links=/wheels "kwatt[otlp]==${VERSION}"
 # Non-root by default (nobody). The Helm chart runs it as UID 0 only where RAPL counters
 # must be read (they are root-only); see runAsRoot in helm/kwatt/values.yaml.
 USER 65534:65534

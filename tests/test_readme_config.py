@@ -23,3 +23,14 @@ def test_readme_config_example_loads(tmp_path: Path) -> None:
     assert config.attribution.idle_watts_cpu == 42.0
     assert config.pod_label_allowlist == ("team", "app.kubernetes.io/name")
     assert config.service_account_dir == "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def test_every_flag_is_in_the_readme_flag_table() -> None:
+    from kwatt.config import build_arg_parser
+
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("## Configuration"):readme.index("## Chart values")]
+    documented = set(re.findall(r"`(--[a-z][\w.-]*)", table))
+    flags = {option for action in build_arg_parser()._actions
+             for option in action.option_strings if option.startswith("--")} - {"--help"}
+    assert flags - documented == set()

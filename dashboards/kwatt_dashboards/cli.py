@@ -16,6 +16,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from kwatt_dashboards.catalog import all_dashboards
 from kwatt_dashboards.rules import RuleParams, render_chart_rules, render_rules
@@ -27,9 +28,42 @@ RULES_FILE = DASHBOARDS_DIR / "rules" / "kwatt-rules.yaml"
 CHART_RULES_FILE = DASHBOARDS_DIR / "chart" / "kwatt-rules.chart.yaml"
 
 
+# What Grafana's import (from a file or grafana.com) asks for: one Prometheus data source.
+# Panels query through the `datasource` variable, whose default is this input; where a
+# dashboard is provisioned from a file, the unresolved input falls back to the default
+# Prometheus data source, so the same JSON serves both.
+IMPORT_INPUT = "DS_PROMETHEUS"
+GRAFANA_MIN_VERSION = "11.0.0"
+
+
+def importable(model: dict[str, Any]) -> dict[str, Any]:
+    """The dashboard with ``__inputs`` and ``__requires`` for Grafana's import."""
+    out = dict(model)
+    out["__inputs"] = [{"name": IMPORT_INPUT, "label": "Prometheus",
+                        "description": "Prometheus that scrapes kwatt and evaluates its rules",
+                        "type": "datasource", "pluginId": "prometheus",
+                        "pluginName": "Prometheus"}]
+    panel_types = sorted({p.get("type", "") for p in model.get("panels", ())} - {""})
+    out["__requires"] = [
+        {"type": "grafana", "id": "grafana", "name": "Grafana",
+         "version": GRAFANA_MIN_VERSION},
+        {"type": "datasource", "id": "prometheus", "name": "Prometheus", "version": "1.0.0"},
+        *({"type": "panel", "id": kind, "name": kind, "version": ""} for kind in panel_types)]
+    templating = dict(out.get("templating", {}))
+    variables = []
+    for variable in templating.get("list", []):
+        if variable.get("type") == "datasource":
+            variable = {**variable, "current": {"text": "${" + IMPORT_INPUT + "}",
+                                                "value": "${" + IMPORT_INPUT + "}"}}
+        variables.append(variable)
+    templating["list"] = variables
+    out["templating"] = templating
+    return out
+
+
 def render_dashboards(currency: str = "USD") -> dict[str, str]:
     """File name -> JSON text of every shipped dashboard."""
-    return {f"{uid}.json": json.dumps(model, indent=2, sort_keys=True) + "\n"
+    return {f"{uid}.json": json.dumps(importable(model), indent=2, sort_keys=True) + "\n"
             for uid, model in all_dashboards(currency).items()}
 
 

@@ -16,6 +16,7 @@ from kwatt.exporter import Exporter
 from kwatt.gpu_stage import GpuUnavailable
 from kwatt.logs import configure_logging
 from kwatt.once import run_once
+from kwatt.otlp import OtlpUnavailable
 from kwatt.webconfig import WebConfig, build_ssl_context, load_web_config
 
 log = logging.getLogger("kwatt")
@@ -55,6 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"kwatt-exporter: --web.listen-address: cannot listen on "
               f"{config.listen_address}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    try:
+        exporter.start_otlp()
+    except OtlpUnavailable as exc:
+        print(f"kwatt-exporter: {exc}", file=sys.stderr)
+        exporter.stop()
         return 2
     bound = server.server_address
     log.info("kwatt exporter started", extra={

@@ -70,6 +70,9 @@ class Config:
     interval_seconds: float = 5.0
     kubernetes: str = "auto"
     kubeconfig: str | None = None
+    # KUBECONFIG from the environment, as kubectl reads it (one path or several joined by
+    # ':'); used when no kubeconfig is configured, before the in-cluster service account.
+    kubeconfig_env: str | None = None
     service_account_dir: str = DEFAULT_SERVICE_ACCOUNT_DIR
     node_name: str = ""
     pod_resources_socket: str = DEFAULT_POD_RESOURCES_SOCKET
@@ -87,6 +90,8 @@ class Config:
     pue: float = 1.0
     clock_ticks_per_second: int = 100
     state_file: str = ""  # restart state; empty: off
+    otlp_endpoint: str = ""  # OTLP/HTTP metrics URL; empty: no push
+    otlp_interval_seconds: float = 60.0
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     once: bool = False
@@ -215,6 +220,13 @@ class Setting:
         return "KWATT_" + re.sub(r"[^A-Z0-9]", "_", self.flag.lstrip("-").upper())
 
 
+def _otlp_endpoint(key: str, value: object) -> str:
+    text = value if isinstance(value, str) else _string(key, value)
+    if text and not re.match(r"^https?://[^/\s]+", text):
+        raise ConfigError(f"{key}: {text!r} is not an http:// or https:// URL")
+    return text
+
+
 def _positive_duration(key: str, value: object) -> float:
     return parse_duration(key, value)
 
@@ -249,7 +261,8 @@ SETTINGS: tuple[Setting, ...] = (
             lambda k, v: _choice(k, v, TRISTATE),
             "auto (in-cluster when the service-account token exists), on, off", "MODE"),
     Setting("--kubeconfig", "kubernetes.kubeconfig", "kubeconfig", _string,
-            "kubeconfig to use instead of the in-cluster service account", "FILE"),
+            "kubeconfig to use; else $KUBECONFIG, else the in-cluster service account",
+            "FILE"),
     Setting("--node-name", "node_name", "node_name", _string,
             "the node this exporter runs on (default: env NODE_NAME, else the hostname)",
             "NAME"),
@@ -269,6 +282,11 @@ SETTINGS: tuple[Setting, ...] = (
             lambda k, v: v if isinstance(v, str) else _string(k, v),
             "file keeping the last counters across restarts, so a restart loses no energy; "
             "empty: off (default off)", "FILE"),
+    Setting("--otlp.endpoint", "otlp.endpoint", "otlp_endpoint", _otlp_endpoint,
+            "also push the metrics over OTLP/HTTP to this URL, e.g. "
+            "http://otel-collector:4318/v1/metrics (needs kwatt[otlp]; default off)", "URL"),
+    Setting("--otlp.interval", "otlp.interval", "otlp_interval_seconds", _positive_duration,
+            "how often to push over OTLP (default 60s)", "DURATION"),
 )
 
 # Keys only the YAML file (or env) sets: nested and rarely changed.
@@ -323,14 +341,29 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "metrics.",
         allow_abbrev=False,
     )
-    parser.add_argument("--config", metavar="FILE", help="YAML config file")
+    general = parser.add_argument_group("general")
+    general.add_argument("--config", metavar="FILE", help="YAML config file")
+    general.add_argument("--once", action="store_true",
+                         help="take two samples one interval apart, print a table, exit")
+    general.add_argument("--version", action="store_true", help="print the version and exit")
+    # One section per flag prefix, as node_exporter's --help reads (web., path., log., ...):
+    # a new setting lands in its section by its YAML path alone.
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for setting in SETTINGS:
-        parser.add_argument(setting.flag, dest=setting.dest, metavar=setting.metavar,
-                            help=f"{setting.help} [env {setting.env}]")
-    parser.add_argument("--once", action="store_true",
-                        help="take two samples one interval apart, print a table, exit")
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
+        prefix, dot, _ = setting.yaml_path.partition(".")
+        title = HELP_SECTIONS.get(prefix, prefix if dot else "sampling")
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        groups[title].add_argument(setting.flag, dest=setting.dest, metavar=setting.metavar,
+                                   help=f"{setting.help} [env {setting.env}]")
     return parser
+
+
+# --help sections by the first part of a setting's YAML path (a new prefix gets its own
+# section under its own name); top-level keys are "sampling".
+HELP_SECTIONS = {"web": "web server", "path": "paths", "kubernetes": "kubernetes",
+                 "kubelet": "kubernetes", "node_name": "kubernetes", "gpu": "gpus",
+                 "log": "logging", "state": "restart state"}
 
 
 def _flatten(prefix: str, node: Mapping[str, Any], out: dict[str, Any]) -> None:
@@ -502,6 +535,8 @@ def load_config(argv: Sequence[str], env: Mapping[str, str] | None = None,
 
     if "node_name" not in values and environ.get("NODE_NAME"):
         values["node_name"] = environ["NODE_NAME"]
+    if environ.get("KUBECONFIG"):
+        values["kubeconfig_env"] = environ["KUBECONFIG"]
 
     top: dict[str, Any] = {}
     nested: dict[str, dict[str, Any]] = {"attribution": {}, "model": {}}

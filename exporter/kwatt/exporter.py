@@ -24,6 +24,7 @@ from kwatt.config import Config, split_listen_address
 from kwatt.cycle_metrics import CycleCollector, StageRenderer
 from kwatt.gpu_stage import build_gpu_stage
 from kwatt.metrics import StaticInfo
+from kwatt.otlp import OtlpPusher
 from kwatt.reload import LIVE_SETTINGS, changed_settings
 from kwatt.sampler import EnergyStage, PublishedCycle, Sampler
 from kwatt.sources.nvml import NvmlBackend
@@ -73,7 +74,8 @@ class Exporter:
                  ssl_context: ssl.SSLContext | None = None,
                  gpu_backend_factory: Callable[[], NvmlBackend] | None = None,
                  server_limits: ServerLimits = DEFAULT_LIMITS,
-                 tls_reload_period_seconds: float = DEFAULT_PERIOD_SECONDS) -> None:
+                 tls_reload_period_seconds: float = DEFAULT_PERIOD_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.web_config = web_config or WebConfig()
         self.ssl_context = ssl_context
@@ -95,8 +97,8 @@ class Exporter:
                      "named from their cgroups", extra={"kubernetes": config.kubernetes})
         # In Kubernetes mode host services and Docker containers stay in the node's
         # system share.
-        self.sampler = Sampler(config, self.namer, include_host_units=self.kube is None,
-                               stages=stages)
+        self.sampler = Sampler(config, self.namer, clock=clock,
+                               include_host_units=self.kube is None, stages=stages)
         self.state: StateKeeper | None = None
         if config.state_file and not config.once:
             self.state = StateKeeper(
@@ -105,6 +107,7 @@ class Exporter:
                 self.sampler, gpu[0] if gpu else None)
             self.state.restore()
             self.sampler.on_cycle = self.state.cycle_done
+        self.otlp: OtlpPusher | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         # The GPU stage, when there is one, is stage 0; its families are rendered from the
         # same published cycle as the node's.
@@ -131,6 +134,15 @@ class Exporter:
         """At shutdown: the counters of the last snapshot a scrape saw, for the next start."""
         if self.state is not None:
             self.state.flush()
+
+    def start_otlp(self) -> None:
+        """Start pushing over OTLP (--otlp.endpoint); raises OtlpUnavailable without the
+        optional packages."""
+        if not self.config.otlp_endpoint:
+            return
+        self.otlp = OtlpPusher(self.registry.collect, self.config.otlp_endpoint,
+                               self.config.node_name, self.config.otlp_interval_seconds)
+        self.otlp.start()
 
     def start_watch(self) -> None:
         if self.kube is not None:
@@ -196,6 +208,8 @@ class Exporter:
 
     def stop(self) -> None:
         """Stop serving and watching, each bounded: a hanging dependency cannot delay it."""
+        if self.otlp is not None:
+            self.otlp.stop()
         if self._cert_watcher is not None:
             self._cert_watcher.stop()
         if self.server is not None:

@@ -17,10 +17,16 @@ _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    # The keys of Prometheus' go-kit log style (promslog's "go-kit" style, what exporters
+    # built on exporter-toolkit print): ts (UTC, milliseconds), level in lower case, caller
+    # as file:line, msg; plus kwatt's logger name and each event's own fields. kwatt's
+    # events use a `source` field of their own (the energy source), which promslog's slog
+    # style would rename, so the go-kit style is the one that keeps every key as is.
     out: dict[str, Any] = {
         "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         + f".{int(record.msecs):03d}Z",
         "level": _LEVEL_NAMES.get(record.levelno, "info"),
+        "caller": f"{record.filename}:{record.lineno}",
         "logger": record.name,
         "msg": record.getMessage(),
     }

@@ -43,7 +43,9 @@ _INVALID_LABEL_CHARS = re.compile(r"[^a-zA-Z0-9_]")
 
 
 def kubernetes_enabled(config: Config, exists: Callable[[str], bool] = os.path.exists) -> bool:
-    """``on``; ``off``; ``auto``: on with a kubeconfig or when the service-account token exists."""
+    """``on``; ``off``; ``auto``: on with a configured kubeconfig or when the service-account
+    token exists. $KUBECONFIG alone does not switch ``auto`` on, so a workstation that has
+    one set keeps host mode; it is still the config used when Kubernetes is on."""
     if config.kubernetes == "on":
         return True
     if config.kubernetes == "off":
@@ -124,7 +126,9 @@ class KubernetesParts:
 
 
 def api_client_for(config: Config) -> Any:
-    """An ApiClient from --kubeconfig, else from the in-cluster service account."""
+    """An ApiClient as kubectl picks its config: --kubeconfig (or KWATT_KUBECONFIG, or
+    kubernetes.kubeconfig in the YAML), else $KUBECONFIG, else the in-cluster service
+    account."""
     from kubernetes import client
     from kubernetes import config as kube_config
     from kubernetes.config.config_exception import ConfigException
@@ -132,17 +136,19 @@ def api_client_for(config: Config) -> Any:
 
     configuration = client.Configuration()
     try:
-        if config.kubeconfig is not None:
-            cast(Any, kube_config).load_kube_config(config_file=config.kubeconfig,
-                                         client_configuration=configuration)
+        kubeconfig = config.kubeconfig or config.kubeconfig_env
+        if kubeconfig:
+            # A ':'-joined KUBECONFIG list is merged by the client, as kubectl does.
+            cast(Any, kube_config).load_kube_config(config_file=kubeconfig,
+                                                    client_configuration=configuration)
         else:
             cast(Any, InClusterConfigLoader)(
                 token_filename=os.path.join(config.service_account_dir, "token"),
                 cert_filename=os.path.join(config.service_account_dir, "ca.crt"),
             ).load_and_set(configuration)
     except (ConfigException, OSError, ValueError, TypeError) as exc:
-        key = "--kubeconfig" if config.kubeconfig is not None else \
-            "kubernetes.service_account_dir"
+        key = "--kubeconfig" if config.kubeconfig else \
+            "KUBECONFIG" if config.kubeconfig_env else "kubernetes.service_account_dir"
         raise ConfigError(f"{key}: cannot load Kubernetes client config: {exc}") from None
     # Our own loop retries with backoff; urllib3's hidden retries would multiply the
     # per-request timeout and hide failures.
