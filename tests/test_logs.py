@@ -8,7 +8,18 @@ import json
 import logging
 import re
 
+import pytest
 from kwatt.logs import configure_logging
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logger() -> object:
+    # configure_logging sets the process-wide root logger; later tests must not inherit it.
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield None
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def _log_one(fmt: str) -> tuple[str, int]:
