@@ -45,6 +45,9 @@ class ModelConfig:
     cpu_watts_max_per_vcpu: float = 3.5
     dram_watts_per_gb: float = 0.392
     estimate_dram: bool = False
+    # Choose the per-vCPU watts from the CPU or instance type (kwatt.sources.model); off
+    # as soon as either cpu_watts_* key is set explicitly.
+    auto_coefficients: bool = True
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,9 @@ class Config:
     redfish_timeout_seconds: float = 10.0
     redfish_backoff_max_seconds: float = 300.0
     redfish_chassis: tuple[str, ...] = ()
+    # GET this node's object once at start (its instance-type label picks the estimation
+    # model's coefficients); needs RBAC get on nodes, so off unless the chart grants it.
+    kubernetes_read_node: bool = False
 
 
 # --------------------------------------------------------------------------- parsing values
@@ -316,6 +322,7 @@ FILE_ONLY: dict[str, tuple[str, Callable[[str, object], Any]]] = {
     "gpu.resource_names": ("gpu_resource_names", _string_list),
     "kubernetes.pod_label_allowlist": ("pod_label_allowlist", _string_list),
     "kubernetes.service_account_dir": ("service_account_dir", _string),
+    "kubernetes.read_node": ("kubernetes_read_node", _bool),
     "host.docker_root": ("docker_root", _string),
     "retention_max_containers": (
         "max_retained_containers", lambda k, v: _int(k, v, minimum=1)),
@@ -341,6 +348,7 @@ FILE_ONLY: dict[str, tuple[str, Callable[[str, object], Any]]] = {
         "model.cpu_watts_max_per_vcpu", lambda k, v: _float(k, v, minimum=0)),
     "model.dram_watts_per_gb": ("model.dram_watts_per_gb", lambda k, v: _float(k, v, minimum=0)),
     "model.estimate_dram": ("model.estimate_dram", _bool),
+    "model.auto_coefficients": ("model.auto_coefficients", _bool),
     "redfish.insecure_skip_verify": ("redfish_insecure_skip_verify", _bool),
     "redfish.backoff_max": ("redfish_backoff_max_seconds", _positive_duration),
     "redfish.chassis": ("redfish_chassis", _string_list),
@@ -566,6 +574,8 @@ def load_config(argv: Sequence[str], env: Mapping[str, str] | None = None,
         else:
             top[dest] = value
     attribution = AttributionConfig(**nested["attribution"])
+    if {"cpu_watts_idle_per_vcpu", "cpu_watts_max_per_vcpu"} & nested["model"].keys():
+        nested["model"].setdefault("auto_coefficients", False)
     model = ModelConfig(**nested["model"])
     if model.cpu_watts_max_per_vcpu < model.cpu_watts_idle_per_vcpu:
         raise ConfigError(
