@@ -1,4 +1,8 @@
 # kwatt exporter image. Build: docker build -t <registry>/kwatt-exporter:0.1.0 .
+# Both architectures in one tag:
+#   docker buildx build --platform linux/amd64,linux/arm64 -t <registry>/kwatt-exporter:0.1.0 --push .
+# Nothing here is architecture-specific: the base is multi-arch and every dependency has an
+# aarch64 wheel (scripts/check-arm64-wheels).
 # The base is pinned by tag; pin it by digest too (FROM python:...@sha256:...) where your
 # registry policy requires it.
 
