@@ -107,6 +107,9 @@ class Config:
     # GET this node's object once at start (its instance-type label picks the estimation
     # model's coefficients); needs RBAC get on nodes, so off unless the chart grants it.
     kubernetes_read_node: bool = False
+    # IPMI DCMI power reading in band (kwatt.sources.ipmi); empty: off.
+    ipmi_device: str = ""
+    ipmi_interval_seconds: float = 10.0
 
 
 # --------------------------------------------------------------------------- parsing values
@@ -315,6 +318,12 @@ SETTINGS: tuple[Setting, ...] = (
             "DURATION"),
     Setting("--redfish.timeout", "redfish.timeout", "redfish_timeout_seconds",
             _positive_duration, "per-request timeout for the BMC (default 10s)", "DURATION"),
+    Setting("--ipmi.device", "ipmi.device", "ipmi_device", _string,
+            "IPMI device for DCMI power readings, e.g. /dev/ipmi0 (needs python-ipmi; "
+            "default: off)", "PATH"),
+    Setting("--ipmi.interval", "ipmi.interval", "ipmi_interval_seconds", _redfish_interval,
+            "how often the IPMI power reading is taken (default 10s, at least 1s)",
+            "DURATION"),
 )
 
 # Keys only the YAML file (or env) sets: nested and rarely changed.
