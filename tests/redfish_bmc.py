@@ -138,7 +138,8 @@ class FaultyBmc:
     """An HTTPS Redfish mockup server whose replies a test switches (``mode``).
 
     Modes: ``ok``; ``401``; ``500``; ``malformed`` (a 200 with broken JSON); ``hang``
-    (the handler signals ``entered`` and waits for ``release``). Requests are counted.
+    (the handler signals ``entered`` and waits for ``release``). ``delay_seconds`` slows
+    every reply (benchmarks/bench_redfish.py). Requests are counted.
     """
 
     def __init__(self, mockup: Path, pki: Pki) -> None:
@@ -146,6 +147,7 @@ class FaultyBmc:
         self.pki = pki
         self.port = free_port()
         self.mode = "ok"
+        self.delay_seconds = 0.0  # every reply waits this long (a slow BMC)
         self.entered = threading.Event()
         self.release = threading.Event()
         self.requests = 0
@@ -173,6 +175,8 @@ class FaultyBmc:
 
             def do_GET(self) -> None:
                 bmc.requests += 1
+                if bmc.delay_seconds:
+                    time.sleep(bmc.delay_seconds)
                 mode = bmc.mode
                 if mode == "hang":
                     bmc.entered.set()
