@@ -141,3 +141,13 @@ def test_config(tmp_path: Path) -> None:
     meter = build_ipmi_meter(load_config(["--node-name", "n", "--ipmi.device", str(present)],
                                          env={}), start=False)
     assert meter is not None
+
+
+def test_pending_faults_are_bounded_when_nobody_asks() -> None:
+    from kwatt.sources.ipmi import MAX_PENDING_FAULTS
+    interface = FakeBmcInterface()
+    interface.mode = "timeout"
+    meter = make_meter(interface)
+    for _ in range(MAX_PENDING_FAULTS + 10):
+        meter.poll_once()
+    assert len(meter.latest()[1]) == MAX_PENDING_FAULTS

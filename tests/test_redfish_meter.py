@@ -266,3 +266,42 @@ def test_config_map_wins_over_template(tmp_path: Path) -> None:
 def test_config_errors_name_the_key(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(["--node-name", "n", *argv], env={})
+
+
+class _BrokenClient:
+    """A client double whose every request fails as told (no HTTP needed here)."""
+
+    where = "bmc.test:443"
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.calls = 0
+        self.called_twice = threading.Event()
+
+    def get(self, path: str) -> dict[str, object]:
+        self.calls += 1
+        if self.calls >= 2:
+            self.called_twice.set()
+        raise self.error
+
+
+def test_pending_faults_are_bounded_when_nobody_asks(secrets: tuple[Path, Path]) -> None:
+    from kwatt.sources.redfish import MAX_PENDING_FAULTS, RedfishError
+    meter = RedfishMeter(RedfishSettings("https://bmc.test", str(secrets[0]), str(secrets[1])),
+                         client=_BrokenClient(RedfishError("api", "HTTP 500")))  # type: ignore[arg-type]
+    for _ in range(MAX_PENDING_FAULTS + 44):
+        meter.poll_once()
+    assert len(meter.latest()[1]) == MAX_PENDING_FAULTS
+    assert meter.latest()[1] == []
+
+
+def test_an_unexpected_error_does_not_end_polling(secrets: tuple[Path, Path]) -> None:
+    client = _BrokenClient(RuntimeError("a bug"))
+    meter = RedfishMeter(RedfishSettings("https://bmc.test", str(secrets[0]), str(secrets[1]),
+                                         interval_seconds=0.01, backoff_max_seconds=0.02),
+                         client=client)  # type: ignore[arg-type]
+    meter.start()
+    try:
+        assert client.called_twice.wait(30), "the polling thread died after the first error"
+    finally:
+        meter.close()

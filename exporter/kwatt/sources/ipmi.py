@@ -36,6 +36,7 @@ DCMI_MODE_SYSTEM_POWER = 1  # "system power statistics" (mode 2 is the enhanced 
 MEASUREMENT_ACTIVE = 0x40  # reading_state bit 6
 BMC_IPMB_ADDRESS = 0x20
 MAX_BACKOFF_EXPONENT = 10
+MAX_PENDING_FAULTS = 256  # kept for the next latest(); bounded if nobody asks
 
 
 class DcmiConnection(Protocol):
@@ -141,7 +142,11 @@ class IpmiDcmiMeter:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.poll_once()
+            try:
+                self.poll_once()
+            except Exception:  # a bug must not end the polling for the process' life
+                log.exception("IPMI poll failed unexpectedly")
+                self._failures += 1
             if self._stop.wait(self.next_delay()):
                 return
 
@@ -150,6 +155,7 @@ class IpmiDcmiMeter:
         with self._lock:
             if fault is not None:
                 self._faults.append(fault)
+                del self._faults[:-MAX_PENDING_FAULTS]
         if fault is None or fault.reason == "implausible":
             if self._failures:
                 log.info("IPMI power readings are back", extra={"failed_polls": self._failures})

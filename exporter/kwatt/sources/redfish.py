@@ -56,6 +56,8 @@ _MWH_JOULES = 3.6
 _KWH_TO_MWH = 1_000_000
 # A Redfish resource of a real BMC is a few KiB; anything past this is not one.
 MAX_REPLY_BYTES = 1024 * 1024
+# Faults kept for the next latest(); a consumer that stopped asking must not grow memory.
+MAX_PENDING_FAULTS = 256
 MAX_BACKOFF_EXPONENT = 10
 
 
@@ -297,7 +299,11 @@ class RedfishMeter:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.poll_once()
+            try:
+                self.poll_once()
+            except Exception:  # a bug must not end the polling for the process' life
+                log.exception("Redfish poll failed unexpectedly")
+                self._failures += 1
             if self._stop.wait(self.next_delay()):
                 return
 
@@ -339,6 +345,7 @@ class RedfishMeter:
             for sample in fresh:
                 self._samples[sample.sensor] = sample
             self._faults.extend(faults)
+            del self._faults[:-MAX_PENDING_FAULTS]
         return ok
 
     def _fault(self, exc: RedfishError, subject: str) -> Fault:
