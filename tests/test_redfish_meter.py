@@ -143,6 +143,29 @@ def test_implausible_energy_jump_is_a_fault_and_not_booked(
     assert resumed.energy_joules - start.energy_joules == pytest.approx(0.05 * KWH)
 
 
+def test_energy_joules_where_energykwh_is_absent(
+        environment_bmc: tuple[SushyStatic, Path], pki: Pki,
+        secrets: tuple[Path, Path]) -> None:
+    import json
+    server, mockup = environment_bmc
+    path = mockup / ENV / "index.json"
+    data = json.loads(path.read_text())
+    del data["EnergykWh"]
+    data["EnergyJoules"] = {"Reading": 7_200_000}  # 2 kWh
+    path.write_text(json.dumps(data))
+    clock = FakeClock(0.0)
+    meter = RedfishMeter(settings_for(server.url, pki, secrets), clock=clock)
+    assert meter.poll_once()
+    (first,), _ = meter.latest()
+    assert first.energy_joules == pytest.approx(7_200_000)
+    set_reading(mockup, ENV, "EnergyJoules", 7_200_000 + 36_000)  # 300 W for 120 s
+    clock.now = 120.0
+    assert meter.poll_once()
+    (second,), faults = meter.latest()
+    assert faults == []
+    assert second.energy_joules == pytest.approx(7_236_000)
+
+
 def test_legacy_power_resource(tmp_path: Path, pki: Pki, secrets: tuple[Path, Path]) -> None:
     mockup = copy_mockup("legacy-power", tmp_path / "mockup")
     server = SushyStatic(mockup, pki)

@@ -10,7 +10,8 @@ What is read (property shapes from DMTF's schemas and public mockups, see docs/r
   is absent is a top-level (whole-server) chassis, the rest are parts of one and would
   count their power twice.
 - ``Chassis/<id>/EnvironmentMetrics`` (EnvironmentMetrics 1.x): ``PowerWatts.Reading``
-  (a SensorPowerExcerpt) and ``EnergykWh.Reading`` (a SensorEnergykWhExcerpt).
+  (a SensorPowerExcerpt) and ``EnergykWh.Reading`` (a SensorEnergykWhExcerpt), or where
+  only that is reported ``EnergyJoules.Reading`` (a SensorExcerpt, the device-level one).
 - where that resource is missing, the older ``Chassis/<id>/Power`` (Power 1.x):
   ``PowerControl[0].PowerConsumedWatts``.
 
@@ -399,6 +400,10 @@ class RedfishMeter:
             else:
                 watts = _excerpt_reading(metrics, "PowerWatts")
                 energy_kwh = _excerpt_reading(metrics, "EnergykWh")
+                if energy_kwh is None:
+                    # The schema's device-level counter, for BMCs that report only it.
+                    joules = _excerpt_reading(metrics, "EnergyJoules")
+                    energy_kwh = None if joules is None else joules / 3.6e6
                 limit = metrics.get("PowerLimitWatts")
                 if isinstance(limit, dict):
                     capacity = _number(limit.get("AllowableMax"))
