@@ -1,6 +1,8 @@
 # kwatt exporter image. Build (the version comes from scripts/version):
 #   docker build --build-arg VERSION="$(scripts/version)" -t <registry>/kwatt-exporter:"$(scripts/version)" .
 # Releases are built for linux/amd64 and linux/arm64 by .github/workflows/release.yml.
+# Nothing here is architecture-specific: the base is multi-arch and every dependency has an
+# aarch64 wheel (scripts/check-arm64-wheels).
 # The base is pinned by tag; pin it by digest too (FROM python:...@sha256:...) where your
 # registry policy requires it.
 

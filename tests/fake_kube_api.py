@@ -96,6 +96,8 @@ class FakeKubeApi:
         self.owner_fail_status: int | None = None
         self.replicasets: dict[tuple[str, str], dict[str, Any]] = {}
         self.jobs: dict[tuple[str, str], dict[str, Any]] = {}
+        self.nodes: dict[str, dict[str, Any]] = {}  # name -> Node object (GET only)
+        self.forbid_nodes = False
         self.requests: list[Request] = []
         self._bookmark_pending = 0
         self._close_watches = 0
@@ -221,6 +223,14 @@ class FakeKubeApi:
             self._owner(handler, self.replicasets.get((segments[4], segments[6])))
         elif len(segments) == 7 and segments[:2] == ["apis", "batch"] and segments[5] == "jobs":
             self._owner(handler, self.jobs.get((segments[4], segments[6])))
+        elif len(segments) == 4 and segments[:3] == ["api", "v1", "nodes"]:
+            node = self.nodes.get(segments[3])
+            if self.forbid_nodes:
+                self._json(handler, 403, self._status(403, "Forbidden", "forbidden"))
+            elif node is None:
+                self._json(handler, 404, self._status(404, "NotFound", "not found"))
+            else:
+                self._json(handler, 200, node)
         else:
             self._json(handler, 404, self._status(404, "NotFound", handler.path))
 

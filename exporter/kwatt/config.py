@@ -45,6 +45,9 @@ class ModelConfig:
     cpu_watts_max_per_vcpu: float = 3.5
     dram_watts_per_gb: float = 0.392
     estimate_dram: bool = False
+    # Choose the per-vCPU watts from the CPU or instance type (kwatt.sources.model); off
+    # as soon as either cpu_watts_* key is set explicitly.
+    auto_coefficients: bool = True
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,23 @@ class Config:
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     once: bool = False
+    # Redfish BMC meter (docs/redfish.md); off while no URL names this node's BMC.
+    redfish_url: str = ""  # https://... with {node} replaced by node_name
+    redfish_urls: tuple[tuple[str, str], ...] = ()  # node name -> URL, before redfish_url
+    redfish_username_file: str = ""
+    redfish_password_file: str = ""
+    redfish_ca_file: str = ""
+    redfish_insecure_skip_verify: bool = False
+    redfish_interval_seconds: float = 30.0
+    redfish_timeout_seconds: float = 10.0
+    redfish_backoff_max_seconds: float = 300.0
+    redfish_chassis: tuple[str, ...] = ()
+    # GET this node's object once at start (its instance-type label picks the estimation
+    # model's coefficients); needs RBAC get on nodes, so off unless the chart grants it.
+    kubernetes_read_node: bool = False
+    # IPMI DCMI power reading in band (kwatt.sources.ipmi); empty: off.
+    ipmi_device: str = ""
+    ipmi_interval_seconds: float = 10.0
 
 
 # --------------------------------------------------------------------------- parsing values
@@ -231,6 +251,21 @@ def _positive_duration(key: str, value: object) -> float:
     return parse_duration(key, value)
 
 
+def _redfish_url(key: str, value: object) -> str:
+    text = _string(key, value)
+    if not text.startswith("https://") or len(text) <= len("https://"):
+        raise ConfigError(f"{key}: expected an https:// URL of the BMC, got {text!r}")
+    return text
+
+
+def _redfish_interval(key: str, value: object) -> float:
+    seconds = parse_duration(key, value)
+    if seconds < 1.0:
+        raise ConfigError(f"{key}: must be at least 1s (BMCs answer in seconds), got "
+                          f"{value!r}")
+    return seconds
+
+
 # Shorter periods buy nothing and cost accuracy: a cycle reads every cgroup (11 ms of CPU
 # at 330 containers, benchmarks/bench_core.py; far more on a full node), so the sampler
 # would fall behind and charge its own CPU to the node; RAPL counters move in ~1 ms steps
@@ -287,6 +322,26 @@ SETTINGS: tuple[Setting, ...] = (
             "http://otel-collector:4318/v1/metrics (needs kwatt[otlp]; default off)", "URL"),
     Setting("--otlp.interval", "otlp.interval", "otlp_interval_seconds", _positive_duration,
             "how often to push over OTLP (default 60s)", "DURATION"),
+    Setting("--redfish.url", "redfish.url", "redfish_url", _redfish_url,
+            "https URL of this node's BMC; {node} is replaced by the node name (default: "
+            "off)", "URL"),
+    Setting("--redfish.username-file", "redfish.username_file", "redfish_username_file",
+            _string, "file holding the BMC user name", "FILE"),
+    Setting("--redfish.password-file", "redfish.password_file", "redfish_password_file",
+            _string, "file holding the BMC password", "FILE"),
+    Setting("--redfish.ca-file", "redfish.ca_file", "redfish_ca_file", _string,
+            "CA bundle that signs the BMC's certificate (default: the system store)", "FILE"),
+    Setting("--redfish.interval", "redfish.interval", "redfish_interval_seconds",
+            _redfish_interval, "how often the BMC is read (default 30s, at least 1s)",
+            "DURATION"),
+    Setting("--redfish.timeout", "redfish.timeout", "redfish_timeout_seconds",
+            _positive_duration, "per-request timeout for the BMC (default 10s)", "DURATION"),
+    Setting("--ipmi.device", "ipmi.device", "ipmi_device", _string,
+            "IPMI device for DCMI power readings, e.g. /dev/ipmi0 (needs python-ipmi; "
+            "default: off)", "PATH"),
+    Setting("--ipmi.interval", "ipmi.interval", "ipmi_interval_seconds", _redfish_interval,
+            "how often the IPMI power reading is taken (default 10s, at least 1s)",
+            "DURATION"),
 )
 
 # Keys only the YAML file (or env) sets: nested and rarely changed.
@@ -294,6 +349,7 @@ FILE_ONLY: dict[str, tuple[str, Callable[[str, object], Any]]] = {
     "gpu.resource_names": ("gpu_resource_names", _string_list),
     "kubernetes.pod_label_allowlist": ("pod_label_allowlist", _string_list),
     "kubernetes.service_account_dir": ("service_account_dir", _string),
+    "kubernetes.read_node": ("kubernetes_read_node", _bool),
     "host.docker_root": ("docker_root", _string),
     "retention_max_containers": (
         "max_retained_containers", lambda k, v: _int(k, v, minimum=1)),
@@ -319,6 +375,14 @@ FILE_ONLY: dict[str, tuple[str, Callable[[str, object], Any]]] = {
         "model.cpu_watts_max_per_vcpu", lambda k, v: _float(k, v, minimum=0)),
     "model.dram_watts_per_gb": ("model.dram_watts_per_gb", lambda k, v: _float(k, v, minimum=0)),
     "model.estimate_dram": ("model.estimate_dram", _bool),
+    "model.auto_coefficients": ("model.auto_coefficients", _bool),
+    "redfish.insecure_skip_verify": ("redfish_insecure_skip_verify", _bool),
+    "redfish.backoff_max": ("redfish_backoff_max_seconds", _positive_duration),
+    "redfish.chassis": ("redfish_chassis", _string_list),
+}
+# YAML mappings kept whole: node name -> value (a node name may contain dots).
+FILE_ONLY_MAPS: dict[str, tuple[str, Callable[[str, object], Any]]] = {
+    "redfish.urls": ("redfish_urls", _redfish_url),
 }
 
 
@@ -512,15 +576,22 @@ def load_config(argv: Sequence[str], env: Mapping[str, str] | None = None,
     values: dict[str, Any] = {}
     yaml_keys = {s.yaml_path: s for s in SETTINGS}
     if args.config:
+        maps: dict[str, dict[str, Any]] = {}
         for path, raw in load_yaml(args.config).items():
+            map_key = next((m for m in FILE_ONLY_MAPS if path.startswith(m + ".")), None)
             if path in yaml_keys:
                 setting = yaml_keys[path]
                 _set(values, setting.dest, setting.parse(path, raw))
             elif path in FILE_ONLY:
                 dest, parse = FILE_ONLY[path]
                 _set(values, dest, parse(path, raw))
+            elif map_key is not None:
+                maps.setdefault(map_key, {})[path[len(map_key) + 1:]] = (
+                    FILE_ONLY_MAPS[map_key][1](path, raw))
             else:
                 raise ConfigError(f"{args.config}: unknown key {path!r}")
+        for map_key, entries in maps.items():
+            _set(values, FILE_ONLY_MAPS[map_key][0], tuple(sorted(entries.items())))
 
     for path, (dest, parse) in FILE_ONLY.items():
         env_name = _file_env_name(path)
@@ -547,11 +618,17 @@ def load_config(argv: Sequence[str], env: Mapping[str, str] | None = None,
         else:
             top[dest] = value
     attribution = AttributionConfig(**nested["attribution"])
+    if {"cpu_watts_idle_per_vcpu", "cpu_watts_max_per_vcpu"} & nested["model"].keys():
+        nested["model"].setdefault("auto_coefficients", False)
     model = ModelConfig(**nested["model"])
     if model.cpu_watts_max_per_vcpu < model.cpu_watts_idle_per_vcpu:
         raise ConfigError(
             "model.cpu_watts_max_per_vcpu: must be >= model.cpu_watts_idle_per_vcpu "
             f"({model.cpu_watts_max_per_vcpu:g} < {model.cpu_watts_idle_per_vcpu:g})")
+    if (top.get("redfish_url") or top.get("redfish_urls")) and not (
+            top.get("redfish_username_file") and top.get("redfish_password_file")):
+        raise ConfigError("--redfish.username-file: --redfish.username-file and "
+                          "--redfish.password-file are required with a Redfish URL")
     if "node_name" not in top:
         mode = top.get("kubernetes", "auto")
         token = os.path.join(top.get("service_account_dir", DEFAULT_SERVICE_ACCOUNT_DIR),

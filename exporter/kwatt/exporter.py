@@ -24,9 +24,11 @@ from kwatt.config import Config, split_listen_address
 from kwatt.cycle_metrics import CycleCollector, StageRenderer
 from kwatt.gpu_stage import build_gpu_stage
 from kwatt.metrics import StaticInfo
+from kwatt.model_info import EstimationModelCollector
 from kwatt.otlp import OtlpPusher
 from kwatt.reload import LIVE_SETTINGS, changed_settings
 from kwatt.sampler import EnergyStage, PublishedCycle, Sampler
+from kwatt.sources.model import Coefficients, choose_coefficients
 from kwatt.sources.nvml import NvmlBackend
 from kwatt.state import StateFile
 from kwatt.statekeeper import StateKeeper
@@ -39,8 +41,14 @@ from kwatt.web import (
     start_server,
 )
 from kwatt.webconfig import SecureApp, WebConfig, secure_app
-from kwatt.workloads.kubernetes import KubernetesParts, build_kubernetes, kubernetes_enabled
+from kwatt.workloads.kubernetes import (
+    KubernetesParts,
+    api_client_for,
+    build_kubernetes,
+    kubernetes_enabled,
+)
 from kwatt.workloads.naming import HostNamer, WorkloadNamer
+from kwatt.workloads.node import node_instance_type
 
 log = logging.getLogger("kwatt")
 
@@ -65,6 +73,39 @@ def _static_info(config: Config) -> StaticInfo:
         carbon_intensity_grams_per_kwh=config.carbon_intensity_grams_per_kwh,
         energy_price_per_kwh=config.energy_price_per_kwh,
         energy_price_currency=config.energy_price_currency, pue=config.pue)
+
+
+def _estimation_coefficients(config: Config, kubernetes: bool) -> Coefficients:
+    """The estimation model's per-vCPU watts for this node, from /proc/cpuinfo and, when
+    allowed, the node's instance-type label (one GET at start); logged once."""
+    cpuinfo: str | None = None
+    try:
+        with open(os.path.join(config.procfs, "cpuinfo"), encoding="utf-8",
+                  errors="replace") as handle:
+            cpuinfo = handle.read(1 << 20)
+    except OSError as exc:
+        log.info("cannot read cpuinfo for the estimation model",
+                 extra={"error": exc.strerror, "procfs": config.procfs})
+    instance_type: str | None = None
+    if kubernetes and config.kubernetes_read_node and config.model.auto_coefficients:
+        instance_type, fault = node_instance_type(api_client_for(config), config.node_name)
+        if fault is not None:
+            log.warning("cannot read this node's instance type; the estimation model uses "
+                        "/proc/cpuinfo alone", extra={"reason": fault.reason,
+                                                      "detail": fault.detail})
+    chosen = choose_coefficients(config.model, cpuinfo, instance_type)
+    log.info("estimation model coefficients", extra={
+        "basis": chosen.basis, "microarchitecture": chosen.microarchitecture,
+        "instance_type": chosen.instance_type,
+        "idle_watts_per_vcpu": chosen.idle_watts_per_vcpu,
+        "max_watts_per_vcpu": chosen.max_watts_per_vcpu})
+    return chosen
+
+
+def _with_coefficients(config: Config, chosen: Coefficients) -> Config:
+    return dataclasses.replace(config, model=dataclasses.replace(
+        config.model, cpu_watts_idle_per_vcpu=chosen.idle_watts_per_vcpu,
+        cpu_watts_max_per_vcpu=chosen.max_watts_per_vcpu))
 
 
 class Exporter:
@@ -95,9 +136,12 @@ class Exporter:
         else:
             log.info("host mode: workloads are systemd units and Docker/Podman containers, "
                      "named from their cgroups", extra={"kubernetes": config.kubernetes})
+        self.coefficients = _estimation_coefficients(config, self.kube is not None)
         # In Kubernetes mode host services and Docker containers stay in the node's
-        # system share.
-        self.sampler = Sampler(config, self.namer, clock=clock,
+        # system share. The sampler gets the coefficients chosen for this node; self.config
+        # stays as loaded, so a reload compares like with like.
+        self.sampler = Sampler(_with_coefficients(config, self.coefficients), self.namer,
+                               clock=clock,
                                include_host_units=self.kube is None, stages=stages)
         self.state: StateKeeper | None = None
         if config.state_file and not config.once:
@@ -120,6 +164,7 @@ class Exporter:
             config.node_name))
         if self.kube is not None:
             self.registry.register(self.kube.collector)
+        self.registry.register(EstimationModelCollector(self.coefficients, config.node_name))
         ProcessCollector(registry=self.registry)
         GCCollector(registry=self.registry)
         self._started = time.monotonic()
