@@ -7,15 +7,22 @@ period is tested by moving the clock, not by waiting.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from deploytools import make_test_certs
 from fake_intensity_api import FakeIntensityApi, serve
+from fake_kube_api import write_kubeconfig
 from kwatt.config import Config, ConfigError, load_config
 from kwatt.signals.documents import DocumentError, parse_document, parse_ukgrid
 from kwatt.signals.families import SignalReading
+from kwatt.signals.nodezone import NodeLabelZone
 from kwatt.signals.stage import SignalStage, build_signal_stage
+from kwatt.workloads.kubernetes import api_client_for
 
 
 class Clock:
@@ -307,3 +314,71 @@ def test_a_label_zone_needs_kubernetes(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         build_signal_stage(config, "carbon", None)
     assert "carbon.zone_node_label: needs Kubernetes mode" in str(err.value)
+
+
+# --------------------------------------------------------------------------- node label
+
+
+class _NodeApi:
+    """Serves one node object at /api/v1/nodes/<name> (what a GET of the node returns)."""
+
+    def __init__(self, labels: dict[str, str], status: int = 200) -> None:
+        self.labels = labels
+        self.status = status
+        self.paths: list[str] = []
+
+
+@pytest.fixture
+def node_api() -> Iterator[tuple[_NodeApi, str]]:
+    state = _NodeApi({"topology.kubernetes.io/region": "eu-central-1"})
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            state.paths.append(self.path)
+            body = json.dumps({"kind": "Node", "apiVersion": "v1", "metadata": {
+                "name": "n1", "labels": state.labels}} if state.status == 200 else
+                {"kind": "Status", "code": state.status}).encode()
+            self.send_response(state.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield state, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_zone_from_the_node_label_through_the_kubernetes_client(
+        tmp_path: Path, node_api: tuple[_NodeApi, str]) -> None:
+    state, server = node_api
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", server)
+    price = tmp_path / "price.yaml"
+    price.write_text("0.2\n")
+    config = load_config(["--kubernetes", "on", "--kubeconfig", str(kubeconfig),
+                          "--node-name", "n1", "--cost.source", "file", "--cost.file",
+                          str(price), "--cost.zone-node-label",
+                          "topology.kubernetes.io/region"], env={})
+    lookup = NodeLabelZone(api_client_for(config), "n1", "topology.kubernetes.io/region", 5.0)
+    state.status = 403  # RBAC not granted yet: counted, retried
+    stage = build_signal_stage(config, "cost", lookup, clock=Clock())
+    assert stage is not None
+    stage.poller.poll_once()
+    assert _reading(stage) == (None, {"price": False}, ["permission"])
+    state.status = 200
+    state.labels = {}
+    stage.poller.poll_once()
+    assert _reading(stage)[2] == ["absent"]
+    state.labels = {"topology.kubernetes.io/region": "eu-central-1"}
+    stage.poller.poll_once()
+    assert _reading(stage) == (SignalReading(0.2, "eu-central-1", "file", "USD"),
+                               {"price": True}, [])
+    stage.poller.poll_once()  # the zone is read once, then kept
+    assert state.paths == ["/api/v1/nodes/n1"] * 3
