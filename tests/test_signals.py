@@ -99,6 +99,17 @@ def test_ukgrid_national_takes_actual_then_forecast_and_regional(tmp_path: Path)
     assert api.requests[-1].path == "/regional/regionid/13"
 
 
+def test_electricitymaps_answer_for_another_zone_is_not_used(tmp_path: Path) -> None:
+    api = FakeIntensityApi(value=412.5)
+    with serve(api) as base:
+        stage = _stage(_config(
+            tmp_path, "--carbon.source", "electricitymaps", "--carbon.url",
+            base + "/v3/carbon-intensity/latest?zone=FR", "--carbon.zone", "DE",
+            "--carbon.token-file", _token(tmp_path)), "carbon", Clock())
+        stage.poller.poll_once()
+    assert _reading(stage) == (None, {"carbon": False}, ["implausible"])
+
+
 def test_ukgrid_rejects_a_body_without_intensity() -> None:
     with pytest.raises(DocumentError) as err:
         parse_ukgrid({"data": [{"from": "x"}]})

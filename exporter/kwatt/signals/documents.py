@@ -106,10 +106,16 @@ def _first(value: object, where: str) -> object:
     return value[0]
 
 
-def parse_electricitymaps(body: object) -> SignalDocument:
+def parse_electricitymaps(body: object, zone: str = "") -> SignalDocument:
     data = _mapping(body, "response")
     if "carbonIntensity" not in data:
         raise DocumentError("parse", "response: no carbonIntensity")
+    # The API falls back to the caller's IP location when it does not know the zone: an
+    # answer for another zone is not this node's intensity.
+    answered = data.get("zone")
+    if zone and isinstance(answered, str) and answered != zone:
+        raise DocumentError("implausible", f"response is for zone {_short(answered)}, "
+                            f"asked for {zone!r}")
     return SignalDocument(_number(data["carbonIntensity"], "carbonIntensity", CARBON_RANGE))
 
 

@@ -38,7 +38,8 @@ from kwatt.signals.poller import Fetch, SignalPoller
 from kwatt.workloads.cgroups import CgroupIdentity
 
 # Documented defaults (docs/carbon-and-cost.md cites where they come from).
-ELECTRICITYMAPS_URL = "https://api.electricitymap.org/v3/carbon-intensity/latest?zone={zone}"
+ELECTRICITYMAPS_URL = ("https://api.electricitymap.org/v3/carbon-intensity/latest?zone={zone}"
+                       "&shouldUseFallbackCallerLookup=false")
 UKGRID_NATIONAL_URL = "https://api.carbonintensity.org.uk/intensity"
 UKGRID_REGIONAL_URL = "https://api.carbonintensity.org.uk/regional/regionid/{zone}"
 
@@ -105,17 +106,19 @@ def _fetcher(prefix: str, signal: SignalConfig, zone: _Zone,
         return read_file
 
     context = tls_context(signal.ca_file)
-    parse: Callable[[Any], SignalDocument]
+    parse: Callable[[Any, str], SignalDocument]
     if kind == "electricitymaps":
         template = signal.url or ELECTRICITYMAPS_URL
         parse = parse_electricitymaps
     elif kind == "ukgrid":
         template = signal.url
-        parse = parse_ukgrid
+
+        def parse(body: Any, place: str) -> SignalDocument:
+            return parse_ukgrid(body)
     else:  # the price http kind: kwatt's own document
         template = signal.url
 
-        def parse(body: Any) -> SignalDocument:
+        def parse(body: Any, place: str) -> SignalDocument:
             return parse_document(body, PRICE_RANGE, allow_currency=True)
 
     def fetch() -> tuple[SignalDocument, str]:
@@ -130,7 +133,7 @@ def _fetcher(prefix: str, signal: SignalConfig, zone: _Zone,
                 headers["Authorization"] = f"Bearer {token}"
         body = get_json(HttpGet(_url(url, place), signal.timeout_seconds, context, headers),
                         clock)
-        return parse(body), place
+        return parse(body, place), place
     return fetch
 
 
