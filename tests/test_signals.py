@@ -9,12 +9,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from deploytools import make_test_certs
+from exporter_process import ExporterProcess
 from fake_intensity_api import FakeIntensityApi, serve
 from fake_kube_api import write_kubeconfig
 from kwatt.config import Config, ConfigError, load_config
@@ -23,6 +25,7 @@ from kwatt.signals.families import SignalReading
 from kwatt.signals.nodezone import NodeLabelZone
 from kwatt.signals.stage import SignalStage, build_signal_stage
 from kwatt.workloads.kubernetes import api_client_for
+from simnode import SimulatedNode
 
 
 class Clock:
@@ -297,6 +300,8 @@ def test_bad_documents_say_what_is_wrong(document: object, message: str) -> None
     (["--carbon.source", "watttime"], "--carbon.source: must be one of static, "
      "electricitymaps, ukgrid, file"),
     (["--carbon.zone-by-node", "n1"], "expected node=zone entries"),
+    (["--carbon.source", "ukgrid", "--carbon.zone", "GB"],
+     "carbon.zone: the UK API's zones are region ids 1 to 17, got 'GB'"),
 ])
 def test_config_errors_name_the_key(tmp_path: Path, args: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -348,6 +353,9 @@ def node_api() -> Iterator[tuple[_NodeApi, str]]:
             pass
 
         def do_GET(self) -> None:
+            if not self.path.startswith("/api/v1/nodes/"):
+                self.send_error(404)  # the pod watch of a CLI test: not this test's concern
+                return
             state.paths.append(self.path)
             body = json.dumps({"kind": "Node", "apiVersion": "v1", "metadata": {
                 "name": "n1", "labels": state.labels}} if state.status == 200 else
@@ -393,3 +401,35 @@ def test_zone_from_the_node_label_through_the_kubernetes_client(
                                {"price": True}, [])
     stage.poller.poll_once()  # the zone is read once, then kept
     assert state.paths == ["/api/v1/nodes/n1"] * 3
+
+
+def test_the_cli_labels_the_gauge_with_the_zone_of_its_node(
+        tmp_path: Path, node_api: tuple[_NodeApi, str]) -> None:
+    _, server = node_api
+    carbon = tmp_path / "carbon.json"
+    carbon.write_text('{"value": 321}')
+    exporter = ExporterProcess(
+        SimulatedNode(tmp_path / "node"), "--kubernetes", "on", "--kubeconfig",
+        str(write_kubeconfig(tmp_path / "kubeconfig", server)), "--carbon.source", "file",
+        "--carbon.file", str(carbon), "--carbon.zone-node-label",
+        "topology.kubernetes.io/region", "--carbon.period", "1s", "--carbon.grace", "1m",
+        log_path=tmp_path / "exporter.log")
+    line = ('kwatt_carbon_intensity_grams_per_kwh{node="e2e",source="file",'
+            'zone="eu-central-1"} 321.0')
+    try:
+        deadline = time.monotonic() + 60
+        while line not in exporter.metrics():
+            assert time.monotonic() < deadline, exporter.metrics()
+            time.sleep(0.05)
+    finally:
+        exporter.stop()
+
+
+def test_a_changed_source_needs_a_restart_and_a_static_value_does_not(tmp_path: Path) -> None:
+    from kwatt.reload import changed_settings
+
+    before = _config(tmp_path, "--carbon.zone", "DE")
+    after = _config(tmp_path, "--carbon.source", "ukgrid", "--carbon.zone", "13",
+                    "--cost.period", "1m")
+    live, restart = changed_settings(before, after)
+    assert live == [] and restart == ["carbon.source", "carbon.zone", "cost.period"]

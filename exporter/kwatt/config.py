@@ -645,6 +645,12 @@ def _check_signal(prefix: str, signal: SignalConfig, static_key: str,
             signal.zone or signal.zone_by_node or signal.zone_node_label):
         raise ConfigError(f"{prefix}.zone: required with {prefix}.source electricitymaps "
                           f"(or {prefix}.zone_by_node or {prefix}.zone_node_label)")
+    if signal.source == "ukgrid" and not signal.url:
+        zones = [signal.zone] + [e.partition("=")[2] for e in signal.zone_by_node]
+        for zone in zones:
+            if zone and not (zone.isdigit() and 1 <= int(zone) <= 17):
+                raise ConfigError(f"{prefix}.zone: the UK API's zones are region ids 1 to "
+                                  f"17, got {zone!r}")
     least = signal.period_seconds + signal.timeout_seconds
     if signal.grace_seconds < least:
         raise ConfigError(f"{prefix}.grace: must be at least {prefix}.period + "
