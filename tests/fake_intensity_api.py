@@ -6,7 +6,8 @@ documentation (cited in docs/carbon-and-cost.md):
 
 * ``GET /v3/carbon-intensity/latest?zone=Z`` with header ``auth-token``: Electricity Maps;
 * ``GET /intensity``: UK national; ``GET /regional/regionid/N``: UK regional;
-* ``GET /price``: kwatt's own price document (``Authorization: Bearer`` when a token is set).
+* ``GET /price``: kwatt's own price document (``Authorization: Bearer`` when a token is set);
+* ``GET /redirect``: 302 to the Electricity Maps path.
 
 A test sets the value, a fault (``fail(status)``, ``malformed()``, ``oversize()``) or a
 hang (``hang()``: requests block until ``release()``; ``requests_held`` says how many are
@@ -117,7 +118,11 @@ class FakeIntensityApi:
             self._released.wait(60)
             with self._lock:
                 self.requests_held -= 1
-        if self.status is not None:
+        if split.path == "/redirect":
+            payload = b""
+            handler.send_response(302)
+            handler.send_header("Location", "/v3/carbon-intensity/latest?zone=DE")
+        elif self.status is not None:
             payload = json.dumps({"error": self.status}).encode()
             handler.send_response(self.status)
             if self.retry_after is not None:

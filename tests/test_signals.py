@@ -165,6 +165,23 @@ def test_a_fault_keeps_the_last_value_for_the_grace_then_withdraws_it(
                                    {"carbon": True}, [])
 
 
+def test_a_redirect_is_refused_and_the_token_not_sent_on(tmp_path: Path) -> None:
+    api = FakeIntensityApi()
+    with serve(api) as base:
+        stage = _stage(_em(tmp_path, base, "--carbon.url", base + "/redirect"), "carbon",
+                       Clock())
+        stage.poller.poll_once()
+    assert _reading(stage) == (None, {"carbon": False}, ["api"])
+    assert [seen.path for seen in api.requests] == ["/redirect"]
+
+
+def test_an_unreadable_ca_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        build_signal_stage(_em(tmp_path, "https://x", "--carbon.ca-file",
+                               str(tmp_path / "missing.crt")), "carbon", None)
+    assert str(err.value).startswith("carbon.ca_file: cannot load")
+
+
 def test_a_wrong_token_is_a_permission_fault(tmp_path: Path) -> None:
     api = FakeIntensityApi(token="the-right-one")
     with serve(api) as base:

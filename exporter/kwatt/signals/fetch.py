@@ -35,12 +35,21 @@ class FetchError(Exception):
         self.retry_after = retry_after
 
 
-def tls_context(ca_file: str) -> ssl.SSLContext:
+def tls_context(ca_file: str, key: str) -> ssl.SSLContext:
     """Verifying context: the system CAs, or only ``ca_file`` when one is given."""
     try:
         return ssl.create_default_context(cafile=ca_file or None)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"ca_file: cannot load {ca_file}: {exc}") from None
+        raise ConfigError(f"{key}: cannot load {ca_file}: {exc}") from None
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect would carry the API token to wherever it points: refuse it (the 3xx
+    becomes an HTTPError, counted as ``api``)."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                         headers: Any, newurl: str) -> urllib.request.Request | None:
+        return None
 
 
 def read_secret(path: str) -> str:
@@ -84,7 +93,8 @@ def _is_timeout(exc: BaseException) -> bool:
 
 def get_json(request: HttpGet, clock: Callable[[], float] = time.monotonic) -> Any:
     deadline = clock() + request.timeout_seconds
-    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=request.context))
+    opener = urllib.request.build_opener(
+        urllib.request.HTTPSHandler(context=request.context), _NoRedirect())
     outgoing = urllib.request.Request(
         request.url, headers={"Accept": "application/json", **request.headers})
     try:

@@ -105,7 +105,7 @@ def _fetcher(prefix: str, signal: SignalConfig, zone: _Zone,
                                   allow_currency=prefix == "cost"), place
         return read_file
 
-    context = tls_context(signal.ca_file)
+    context = tls_context(signal.ca_file, f"{prefix}.ca_file")
     parse: Callable[[Any, str], SignalDocument]
     if kind == "electricitymaps":
         template = signal.url or ELECTRICITYMAPS_URL
