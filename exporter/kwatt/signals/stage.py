@@ -44,7 +44,6 @@ UKGRID_NATIONAL_URL = "https://api.carbonintensity.org.uk/intensity"
 UKGRID_REGIONAL_URL = "https://api.carbonintensity.org.uk/regional/regionid/{zone}"
 
 
-
 class SignalStage:
     """An ``EnergyStage`` without energy: publishes the poller's current value."""
 
