@@ -734,3 +734,61 @@ def test_values_table_generator_refuses_an_undocumented_key(
     assert "| `a.b` | `1` | Documented. |" in table("a:\n  # Documented.\n  b: 1\n")
     with pytest.raises(SystemExit, match=r"a\.c"):
         table("a:\n  # Documented.\n  b: 1\n  c: 2\n")
+
+
+# --------------------------------------------------------------------------- grid signals
+
+
+def test_read_node_rule_only_when_enabled_and_commented() -> None:
+    default = only(render("default"), "ClusterRole")["rules"]
+    assert not any("nodes" in rule["resources"] for rule in default)
+    rules = only(render("default", "--set", "rbac.readNode=true"), "ClusterRole")["rules"]
+    assert rules[-1] == {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}
+    assert rules[:-1] == default
+
+
+def test_signal_credentials_and_files_are_mounted_read_only(tmp_path: Path,
+                                                            certs: Certs) -> None:
+    assert not {"signal-credentials", "signal-files"} & {
+        m["name"] for m in exporter(render("default"))["volumeMounts"]}
+    extra = ("--set", "signalCredentials.secretName=grid-api",
+             "--set", "signalFiles.configMapName=grid-files",
+             "--set", "config.carbon.source=electricitymaps",
+             "--set", "config.carbon.zone_node_label=topology.kubernetes.io/region",
+             "--set", "config.carbon.token_file=/etc/kwatt-credentials/token",
+             "--set", "config.carbon.ca_file=/etc/kwatt-credentials/ca.crt",
+             "--set", "config.carbon.period=1m", "--set", "config.carbon.grace=5m",
+             "--set", "config.cost.source=file",
+             "--set", "config.cost.file=/etc/kwatt-signals/price.yaml",
+             "--set", "config.cost.zone_by_node={node-a=tariff-a,node-b=tariff-b}")
+    docs = render("default", *extra)
+    mounts = {m["name"]: m for m in exporter(docs)["volumeMounts"]}
+    assert mounts["signal-credentials"] == {"name": "signal-credentials", "readOnly": True,
+                                            "mountPath": "/etc/kwatt-credentials"}
+    assert mounts["signal-files"] == {"name": "signal-files", "readOnly": True,
+                                      "mountPath": "/etc/kwatt-signals"}
+    volumes = {v["name"]: v for v in pod_spec(docs)["volumes"]}
+    assert volumes["signal-credentials"]["secret"]["secretName"] == "grid-api"
+    assert volumes["signal-files"]["configMap"]["name"] == "grid-files"
+    args, _ = _mount_config("default", tmp_path, certs, *extra)
+    config = load_config(args, env={"NODE_NAME": "node-a"})
+    carbon = config.carbon_source
+    # (_mount_config moved /etc/kwatt* under tmp_path)
+    assert carbon.token_file.endswith("-credentials/token")
+    assert carbon.ca_file.endswith("-credentials/ca.crt")
+    assert (carbon.source, carbon.zone_node_label, carbon.period_seconds,
+            carbon.grace_seconds, carbon.timeout_seconds) == (
+        "electricitymaps", "topology.kubernetes.io/region", 60.0, 300.0, 10.0)
+    assert config.price_source.source == "file"
+    assert config.price_source.zone_for("node-a") == "tariff-a"
+    assert config.price_source.zone_for("node-b") == "tariff-b"
+
+
+@pytest.mark.parametrize(("flag", "problem"), [
+    ("config.carbon.source=watttime", "carbon"),
+    ("config.cost.period=soon", "period"),
+    ("rbac.readNode=maybe", "readNode"),
+])
+def test_schema_rejects_bad_signal_values(flag: str, problem: str) -> None:
+    result = helm("template", RELEASE, str(CHART), "--set", flag, check=False)
+    assert result.returncode != 0 and problem in result.stderr

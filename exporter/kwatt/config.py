@@ -64,6 +64,35 @@ class AttributionConfig:
     idle_learn_max_utilisation: float = 0.10
 
 
+CARBON_KINDS = ("static", "electricitymaps", "ukgrid", "file")
+PRICE_KINDS = ("static", "http", "file")
+
+
+@dataclass(frozen=True)
+class SignalConfig:
+    """Where one grid signal (carbon intensity or energy price) comes from."""
+
+    source: str = "static"
+    url: str = ""  # may contain {zone}
+    file: str = ""
+    zone: str = ""
+    zone_by_node: tuple[str, ...] = ()  # "node=zone" entries; win over zone and the label
+    zone_node_label: str = ""  # e.g. topology.kubernetes.io/region (Kubernetes mode)
+    period_seconds: float = 300.0
+    grace_seconds: float = 900.0
+    timeout_seconds: float = 10.0
+    token_file: str = ""
+    ca_file: str = ""
+
+    def zone_for(self, node: str) -> str | None:
+        """The configured zone of ``node``; None when it comes from the node's label."""
+        for entry in self.zone_by_node:
+            name, _, zone = entry.partition("=")
+            if name == node:
+                return zone
+        return None if self.zone_node_label else self.zone
+
+
 @dataclass(frozen=True)
 class Config:
     listen_address: str = DEFAULT_LISTEN_ADDRESS
@@ -97,6 +126,8 @@ class Config:
     otlp_interval_seconds: float = 60.0
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    carbon_source: SignalConfig = field(default_factory=SignalConfig)
+    price_source: SignalConfig = field(default_factory=SignalConfig)
     once: bool = False
     # Redfish BMC meter (docs/redfish.md); off while no URL names this node's BMC.
     redfish_url: str = ""  # https://... with {node} replaced by node_name
@@ -280,6 +311,60 @@ def _interval(key: str, value: object) -> float:
     return seconds
 
 
+def _optional_string(key: str, value: object) -> str:
+    return value if isinstance(value, str) else _string(key, value)
+
+
+def _zone_map(key: str, value: object) -> tuple[str, ...]:
+    entries = _string_list(key, value)
+    for entry in entries:
+        name, sep, zone = entry.partition("=")
+        if not sep or not name or not zone:
+            raise ConfigError(f"{key}: expected node=zone entries, got {entry!r}")
+    return entries
+
+
+def _signal_settings(prefix: str, dest: str, what: str,
+                     kinds: Sequence[str]) -> tuple[Setting, ...]:
+    """The same keys for each grid signal: --carbon.* and --cost.*."""
+    def flag(name: str) -> str:
+        return f"--{prefix}.{name.replace('_', '-')}"
+
+    return (
+        Setting(flag("source"), f"{prefix}.source", f"{dest}.source",
+                lambda k, v: _choice(k, v, kinds),
+                f"where the {what} comes from: {', '.join(kinds)} (default static)", "KIND"),
+        Setting(flag("url"), f"{prefix}.url", f"{dest}.url", _optional_string,
+                f"URL of the {what} API; {{zone}} is replaced by the zone", "URL"),
+        Setting(flag("file"), f"{prefix}.file", f"{dest}.file", _optional_string,
+                f"YAML/JSON file with the {what}, re-read every period (source file)",
+                "FILE"),
+        Setting(flag("zone"), f"{prefix}.zone", f"{dest}.zone", _optional_string,
+                f"grid zone or region of this node for the {what}", "ZONE"),
+        Setting(flag("zone_by_node"), f"{prefix}.zone_by_node", f"{dest}.zone_by_node",
+                _zone_map, "per-node zones, node=zone entries; win over the others",
+                "NODE=ZONE,..."),
+        Setting(flag("zone_node_label"), f"{prefix}.zone_node_label",
+                f"{dest}.zone_node_label", _optional_string,
+                "take the zone from this label of the node object, e.g. "
+                "topology.kubernetes.io/region (Kubernetes mode; needs get on nodes)",
+                "LABEL"),
+        Setting(flag("period"), f"{prefix}.period", f"{dest}.period_seconds",
+                _positive_duration, f"how often the {what} is fetched (default 5m)",
+                "DURATION"),
+        Setting(flag("grace"), f"{prefix}.grace", f"{dest}.grace_seconds",
+                _positive_duration, f"how long the last {what} is shown while fetches fail; "
+                "at least period + timeout (default 15m)", "DURATION"),
+        Setting(flag("timeout"), f"{prefix}.timeout", f"{dest}.timeout_seconds",
+                _positive_duration, "per-request timeout (default 10s)", "DURATION"),
+        Setting(flag("token_file"), f"{prefix}.token_file", f"{dest}.token_file",
+                _optional_string, "file holding the API token (a mounted Secret)", "FILE"),
+        Setting(flag("ca_file"), f"{prefix}.ca_file", f"{dest}.ca_file", _optional_string,
+                "CA bundle that verifies the API's TLS certificate (default: system CAs)",
+                "FILE"),
+    )
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("--web.listen-address", "web.listen_address", "listen_address", _listen_address,
             f"address for /metrics and /healthz (default {DEFAULT_LISTEN_ADDRESS})",
@@ -342,6 +427,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--ipmi.interval", "ipmi.interval", "ipmi_interval_seconds", _redfish_interval,
             "how often the IPMI power reading is taken (default 10s, at least 1s)",
             "DURATION"),
+    *_signal_settings("carbon", "carbon_source", "carbon intensity", CARBON_KINDS),
+    *_signal_settings("cost", "price_source", "energy price", PRICE_KINDS),
 )
 
 # Keys only the YAML file (or env) sets: nested and rarely changed.
@@ -610,7 +697,8 @@ def load_config(argv: Sequence[str], env: Mapping[str, str] | None = None,
         values["kubeconfig_env"] = environ["KUBECONFIG"]
 
     top: dict[str, Any] = {}
-    nested: dict[str, dict[str, Any]] = {"attribution": {}, "model": {}}
+    nested: dict[str, dict[str, Any]] = {"attribution": {}, "model": {}, "carbon_source": {},
+                                         "price_source": {}}
     for dest, value in values.items():
         group, _, name = dest.partition(".")
         if name:
@@ -640,6 +728,42 @@ def load_config(argv: Sequence[str], env: Mapping[str, str] | None = None,
                 + ("" if mode == "on" else f" and {token} exists")
                 + " (set it or env NODE_NAME from the downward API spec.nodeName)")
         top["node_name"] = hostname()
+    carbon = SignalConfig(**nested["carbon_source"])
+    price = SignalConfig(**nested["price_source"])
+    _check_signal("carbon", carbon, "carbon.intensity_grams_per_kwh",
+                  top.get("carbon_intensity_grams_per_kwh"), "electricitymaps")
+    _check_signal("cost", price, "cost.price_per_kwh", top.get("energy_price_per_kwh"), "")
     clock_ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     return Config(attribution=attribution, model=model, once=bool(args.once),
-                  clock_ticks_per_second=int(clock_ticks), **top)
+                  clock_ticks_per_second=int(clock_ticks), carbon_source=carbon,
+                  price_source=price, **top)
+
+
+def _check_signal(prefix: str, signal: SignalConfig, static_key: str,
+                  static_value: float | None, needs_token: str) -> None:
+    if signal.source == "static":
+        return
+    if static_value is not None:
+        raise ConfigError(f"{static_key}: only used with {prefix}.source static "
+                          f"({prefix}.source is {signal.source})")
+    if signal.source == "file" and not signal.file:
+        raise ConfigError(f"{prefix}.file: required with {prefix}.source file")
+    if signal.source == "http" and not signal.url:
+        raise ConfigError(f"{prefix}.url: required with {prefix}.source http")
+    if signal.source == needs_token and not signal.token_file:
+        raise ConfigError(f"{prefix}.token_file: required with {prefix}.source "
+                          f"{signal.source} (the API's auth-token)")
+    if signal.source == "electricitymaps" and not (
+            signal.zone or signal.zone_by_node or signal.zone_node_label):
+        raise ConfigError(f"{prefix}.zone: required with {prefix}.source electricitymaps "
+                          f"(or {prefix}.zone_by_node or {prefix}.zone_node_label)")
+    if signal.source == "ukgrid" and not signal.url:
+        zones = [signal.zone] + [e.partition("=")[2] for e in signal.zone_by_node]
+        for zone in zones:
+            if zone and not (zone.isdigit() and 1 <= int(zone) <= 17):
+                raise ConfigError(f"{prefix}.zone: the UK API's zones are region ids 1 to "
+                                  f"17, got {zone!r}")
+    least = signal.period_seconds + signal.timeout_seconds
+    if signal.grace_seconds < least:
+        raise ConfigError(f"{prefix}.grace: must be at least {prefix}.period + "
+                          f"{prefix}.timeout ({least:g}s), got {signal.grace_seconds:g}s")

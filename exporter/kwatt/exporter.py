@@ -28,6 +28,9 @@ from kwatt.model_info import EstimationModelCollector
 from kwatt.otlp import OtlpPusher
 from kwatt.reload import LIVE_SETTINGS, changed_settings
 from kwatt.sampler import EnergyStage, PublishedCycle, Sampler
+from kwatt.signals.families import carbon_family, price_family, renderer
+from kwatt.signals.nodezone import NodeLabelZone
+from kwatt.signals.stage import SignalStage, build_signal_stage, static_zone
 from kwatt.sources.model import Coefficients, choose_coefficients
 from kwatt.sources.nvml import NvmlBackend
 from kwatt.state import StateFile
@@ -55,6 +58,7 @@ log = logging.getLogger("kwatt")
 UNHEALTHY_AFTER_INTERVALS = 3
 # A watch stuck in a hanging API call must not hold up SIGTERM (the pod has 2 s).
 WATCH_STOP_JOIN_SECONDS = 0.5
+SIGNAL_STOP_JOIN_SECONDS = 0.2  # a poller waits on an event; only a stuck fetch is left
 
 
 class _Swappable(Collector):
@@ -72,7 +76,8 @@ def _static_info(config: Config) -> StaticInfo:
         node=config.node_name, interval_seconds=config.interval_seconds,
         carbon_intensity_grams_per_kwh=config.carbon_intensity_grams_per_kwh,
         energy_price_per_kwh=config.energy_price_per_kwh,
-        energy_price_currency=config.energy_price_currency, pue=config.pue)
+        energy_price_currency=config.energy_price_currency, pue=config.pue,
+        carbon_zone=static_zone(config, "carbon"), price_zone=static_zone(config, "cost"))
 
 
 def _estimation_coefficients(config: Config, kubernetes: bool) -> Coefficients:
@@ -137,6 +142,16 @@ class Exporter:
             log.info("host mode: workloads are systemd units and Docker/Podman containers, "
                      "named from their cgroups", extra={"kubernetes": config.kubernetes})
         self.coefficients = _estimation_coefficients(config, self.kube is not None)
+        # Fetched carbon intensity and price: stages without energy, polled on their own
+        # threads (kwatt.signals); rendered from the same published cycle as the rest.
+        signal_renderers: dict[int, StageRenderer] = {}
+        self.signal_stages: list[SignalStage] = []
+        for prefix, family in (("carbon", carbon_family), ("cost", price_family)):
+            signal_stage = build_signal_stage(config, prefix, self._zone_lookup(prefix))
+            if signal_stage is not None:
+                signal_renderers[len(stages)] = renderer(config.node_name, family)
+                stages.append(signal_stage)
+                self.signal_stages.append(signal_stage)
         # In Kubernetes mode host services and Docker containers stay in the node's
         # system share. The sampler gets the coefficients chosen for this node; self.config
         # stays as loaded, so a reload compares like with like.
@@ -156,6 +171,7 @@ class Exporter:
         # The GPU stage, when there is one, is stage 0; its families are rendered from the
         # same published cycle as the node's.
         self._stage_renderers: dict[int, StageRenderer] = {0: gpu[1]} if gpu else {}
+        self._stage_renderers.update(signal_renderers)
         self._kwatt_collector = _Swappable(CycleCollector(
             self._scraped_cycle, _static_info(config), self._stage_renderers))
         self.registry.register(self._kwatt_collector)
@@ -168,6 +184,14 @@ class Exporter:
         ProcessCollector(registry=self.registry)
         GCCollector(registry=self.registry)
         self._started = time.monotonic()
+
+    def _zone_lookup(self, prefix: str) -> NodeLabelZone | None:
+        signal = self.config.carbon_source if prefix == "carbon" else \
+            self.config.price_source
+        if not signal.zone_node_label or self.kube is None:
+            return None
+        return NodeLabelZone(self.kube.api_client, self.config.node_name,
+                             signal.zone_node_label, signal.timeout_seconds)
 
     def _scraped_cycle(self) -> PublishedCycle:
         cycle = self.sampler.published()
@@ -192,6 +216,9 @@ class Exporter:
     def start_watch(self) -> None:
         if self.kube is not None:
             self.kube.watcher.start()
+        if not self.config.once:
+            for signal_stage in self.signal_stages:
+                signal_stage.poller.start()
 
     def healthy(self) -> tuple[bool, str]:
         snap = self.sampler.snapshot()
@@ -262,6 +289,8 @@ class Exporter:
         self.stop_watch()
 
     def stop_watch(self) -> None:
+        for signal_stage in self.signal_stages:
+            signal_stage.poller.stop(SIGNAL_STOP_JOIN_SECONDS)
         if self.kube is not None:
             self.kube.watcher.stop()
             self.kube.watcher.join(WATCH_STOP_JOIN_SECONDS)

@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 
 from kwatt import __version__
 from kwatt.ledger import LedgerSnapshot
+from kwatt.signals.families import SignalReading, carbon_family, price_family
 
 CONTAINER_LABELS = ("namespace", "pod", "container", "workload", "workload_kind")
 
@@ -35,6 +36,9 @@ class StaticInfo:
     energy_price_per_kwh: float | None
     energy_price_currency: str
     pue: float
+    # Zone labels of the static carbon intensity and price (configured; "" when unset).
+    carbon_zone: str = ""
+    price_zone: str = ""
 
 
 class KwattCollector(Collector):
@@ -161,19 +165,15 @@ class KwattCollector(Collector):
         family.add_metric((info.node, __version__, platform.python_version()), 1.0)
         yield family
 
+        # Static signals; fetched ones are rendered by their stages (kwatt.signals.stage)
+        # with the same families, so either way there is one series per node.
         if info.carbon_intensity_grams_per_kwh is not None:
-            family = GaugeMetricFamily(
-                "kwatt_carbon_intensity_grams_per_kwh",
-                "Grid carbon intensity from config (g CO2e per kWh).", labels=("node",))
-            family.add_metric((info.node,), info.carbon_intensity_grams_per_kwh)
-            yield family
+            yield carbon_family(info.node, (SignalReading(
+                info.carbon_intensity_grams_per_kwh, info.carbon_zone, "static", ""),))
         if info.energy_price_per_kwh is not None:
-            family = GaugeMetricFamily(
-                "kwatt_energy_price_per_kwh", "Energy price from config, per kWh.",
-                labels=("node", "currency"))
-            family.add_metric((info.node, info.energy_price_currency),
-                              info.energy_price_per_kwh)
-            yield family
+            yield price_family(info.node, (SignalReading(
+                info.energy_price_per_kwh, info.price_zone, "static",
+                info.energy_price_currency),))
         family = GaugeMetricFamily(
             "kwatt_pue_ratio",
             "Power usage effectiveness from config (facility / IT energy, >= 1).",

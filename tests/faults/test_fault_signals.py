@@ -29,6 +29,9 @@ from simnode import SimulatedNode
 pytestmark = pytest.mark.slow
 
 
+_STATIC = 'kwatt_carbon_intensity_grams_per_kwh{{node="e2e",source="static",zone=""}} {}.0'
+
+
 def _node(tmp_path: Path) -> SimulatedNode:
     node = SimulatedNode(tmp_path / "node")
     node.add_rapl_zone("0", "package-0")
@@ -84,7 +87,7 @@ def test_sighup_applies_a_valid_config_and_keeps_running_on_an_invalid_one(
                                f"--web.config.file={web}")
     try:
         status, body = _status(exporter.port, "/metrics", "alice", "a-pass")
-        assert status == 200 and 'kwatt_carbon_intensity_grams_per_kwh{node="e2e"} 100.0' in body
+        assert status == 200 and _STATIC.format(100) in body
 
         web.write_text(f"basic_auth_users:\n  bob: '{_hash('b-pass')}'\n")
         config.write_text("carbon:\n  intensity_grams_per_kwh: 200\nretention: 10m\n")
@@ -92,7 +95,7 @@ def test_sighup_applies_a_valid_config_and_keeps_running_on_an_invalid_one(
         assert _wait_for(lambda: _status(exporter.port, "/metrics", "bob", "b-pass")[0] == 200)
         assert _status(exporter.port, "/metrics", "alice", "a-pass")[0] == 401
         body = _status(exporter.port, "/metrics", "bob", "b-pass")[1]
-        assert 'kwatt_carbon_intensity_grams_per_kwh{node="e2e"} 200.0' in body
+        assert _STATIC.format(200) in body
 
         config.write_text("carbon: [\n")
         exporter.proc.send_signal(signal.SIGHUP)
@@ -104,7 +107,7 @@ def test_sighup_applies_a_valid_config_and_keeps_running_on_an_invalid_one(
         assert exporter.proc.poll() is None
         status, body = _status(exporter.port, "/metrics", "bob", "b-pass")
         assert status == 200  # the running web config stayed
-        assert 'kwatt_carbon_intensity_grams_per_kwh{node="e2e"} 200.0' in body
+        assert _STATIC.format(200) in body
     finally:
         log = exporter.stop()
     restart_lines = [line for line in log.splitlines() if "need a restart" in line]

@@ -123,6 +123,7 @@ class KubernetesParts:
     collector: PodInfoCollector
     watcher: PodWatcher
     store: PodStore
+    api_client: Any = None  # for single reads elsewhere (the node's zone label)
 
 
 def api_client_for(config: Config) -> Any:
@@ -172,4 +173,4 @@ def build_kubernetes(config: Config, clock: Callable[[], float] = time.monotonic
         stage=KubernetesHealthStage(watcher, store),
         collector=PodInfoCollector(store.current, config.node_name,
                                    config.pod_label_allowlist),
-        watcher=watcher, store=store)
+        watcher=watcher, store=store, api_client=api_client)
