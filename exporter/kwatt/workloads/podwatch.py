@@ -163,7 +163,8 @@ class ApiOwnerResolver(OwnerResolver):
     def cycle(self, namespace: str, ref: ObjectRef) -> None:
         self._log.log(logging.WARNING, f"cycle {namespace}/{ref.kind}/{ref.name}",
                       "ownerReferences form a cycle; naming the workload where it closes",
-                      source=SOURCE, namespace=namespace, kind=ref.kind, name=ref.name)
+                      source=SOURCE, namespace=namespace, owner_kind=ref.kind,
+                      owner_name=ref.name)
 
     def parent(self, namespace: str, ref: ObjectRef) -> Lookup:
         from kubernetes.client.exceptions import ApiException
