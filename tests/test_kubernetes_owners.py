@@ -234,3 +234,17 @@ def test_an_owner_reference_cycle_ends_the_walk(
     assert got["after"][:2] == ("after", "Pod")  # the watcher went on
     assert any("cycle" in r.getMessage() for r in caplog.records)
     assert len(api.owner_requests()) == 3  # each object read once
+
+
+def test_owner_lookups_and_workload_bounds_are_configurable(tmp_path: Path) -> None:
+    from kwatt.config import ConfigError, load_config
+
+    path = tmp_path / "kwatt.yaml"
+    path.write_text("kubernetes:\n  owner_lookups: [jobs.batch, notebooks.kubeflow.org]\n"
+                    "workloads:\n  retention: 72h\n  max: 50\n")
+    config = load_config(["--config", str(path)], env={})
+    assert config.owner_lookups == ("jobs.batch", "notebooks.kubeflow.org")
+    assert (config.workload_retention_seconds, config.max_workloads) == (72 * 3600.0, 50)
+    path.write_text("kubernetes:\n  owner_lookups: [Jobs]\n")
+    with pytest.raises(ConfigError, match=r"^kubernetes.owner_lookups: expected resource"):
+        load_config(["--config", str(path)], env={})
