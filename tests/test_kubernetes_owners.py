@@ -10,8 +10,23 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from fake_kube_api import PARTIAL_OBJECT_METADATA, FakeKubeApi, make_pod, owner_uid
+from fake_kube_api import (
+    API_VERSIONS,
+    PARTIAL_OBJECT_METADATA,
+    FakeKubeApi,
+    make_pod,
+    owner_uid,
+)
 from kubetest import FAST, running_watcher, wait_until
+from kwatt.workloads.owners import (
+    TOP,
+    UNKNOWN,
+    Lookup,
+    ObjectRef,
+    Owner,
+    OwnerSource,
+    resolve,
+)
 from simnode import pod_uid
 
 NS = "ml"
@@ -248,3 +263,58 @@ def test_owner_lookups_and_workload_bounds_are_configurable(tmp_path: Path) -> N
     path.write_text("kubernetes:\n  owner_lookups: [Jobs]\n")
     with pytest.raises(ConfigError, match=r"^kubernetes.owner_lookups: expected resource"):
         load_config(["--config", str(path)], env={})
+
+
+class ChainSource(OwnerSource):
+    """An OwnerSource over a dict: (kind, name) -> parent (kind, name) or None."""
+
+    def __init__(self, parents: dict[tuple[str, str], tuple[str, str] | None]) -> None:
+        self.parents = parents
+        self.reads: list[tuple[str, str]] = []
+
+    def parent(self, namespace: str, ref: ObjectRef) -> Lookup:
+        self.reads.append((ref.kind, ref.name))
+        if (ref.kind, ref.name) not in self.parents:
+            return UNKNOWN
+        found = self.parents[(ref.kind, ref.name)]
+        if found is None:
+            return TOP
+        return Lookup("parent", ObjectRef(API_VERSIONS.get(found[0], "x/v1"), *found))
+
+    def cycle(self, namespace: str, ref: ObjectRef) -> None:
+        pass
+
+
+def test_the_walk_stops_at_the_depth_cap() -> None:
+    chain = {("Job", f"j{i}"): ("Job", f"j{i + 1}") for i in range(20)}
+    source = ChainSource(dict(chain))
+    pod = make_pod("p", owner=("Job", "j0"))
+    got = resolve(pod, source, max_depth=8)
+    assert len(source.reads) == 8
+    assert (got.workload, got.owner, got.exact) == (Owner("j8", "Job"), Owner("j0", "Job"),
+                                                   False)
+
+
+def test_without_the_api_labels_and_name_rules_answer() -> None:
+    source = OwnerSource()
+    cases = {
+        "trainjob": (make_pod("a", owner=("Job", "llama-node-0"),
+                              labels={"jobset.sigs.k8s.io/jobset-name": "llama"}),
+                     Owner("llama", "JobSet")),
+        "lws worker": (make_pod("b", owner=("StatefulSet", "vllm-0"),
+                                labels={"leaderworkerset.sigs.k8s.io/name": "vllm"}),
+                       Owner("vllm", "LeaderWorkerSet")),
+        "kserve": (make_pod("c", owner=("ReplicaSet", "m-predictor-00001-deployment-5d"),
+                            labels={"serving.kserve.io/inferenceservice": "m",
+                                    "pod-template-hash": "5d"}),
+                   Owner("m", "InferenceService")),
+        "cronjob": (make_pod("d", owner=("Job", "report-29012345")),
+                    Owner("report", "CronJob")),
+        "deployment": (make_pod("e", owner=("ReplicaSet", "web-5d8f"),
+                                labels={"pod-template-hash": "5d8f"}),
+                       Owner("web", "Deployment")),
+        "bare": (make_pod("f"), Owner("f", "Pod")),
+        "static": (make_pod("g", owner=("Node", "node-a")), Owner("g", "StaticPod")),
+    }
+    got = {case: resolve(pod, source).workload for case, (pod, _) in cases.items()}
+    assert got == {case: owner for case, (_, owner) in cases.items()}
