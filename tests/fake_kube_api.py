@@ -128,6 +128,7 @@ class FakeKubeApi:
         self.forbidden_resources: set[str] = set()  # 403 for GETs of these resources
         self.requests: list[Request] = []
         self._bookmark_pending = 0
+        self.watching = 0  # watch streams that have started (and will see bookmarks)
         self._close_watches = 0
         self.server: ThreadingHTTPServer | None = None
 
@@ -369,6 +370,7 @@ class FakeKubeApi:
             with self.cond:
                 generation = self._close_watches
                 bookmarks_seen = self._bookmark_pending
+                self.watching += 1  # from here on a bookmark() reaches this stream
             while True:
                 with self.cond:
                     self.cond.wait_for(
