@@ -117,7 +117,9 @@ class ApiRequests:
         return response.response
 
 
-PARTIAL_OBJECT_METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+# Metadata only; plain JSON from a server that cannot (its metadata is read the same way).
+PARTIAL_OBJECT_METADATA = \
+    "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
 
 
 @dataclass
