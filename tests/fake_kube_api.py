@@ -27,13 +27,42 @@ from urllib.parse import parse_qs, urlsplit
 class Request:
     path: str
     query: dict[str, str]
+    accept: str = ""
+
+
+PARTIAL_OBJECT_METADATA = "as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+# apiVersion of each owner kind the tests use (an ownerReference carries it).
+API_VERSIONS = {
+    "ReplicaSet": "apps/v1", "Deployment": "apps/v1", "StatefulSet": "apps/v1",
+    "DaemonSet": "apps/v1", "Job": "batch/v1", "CronJob": "batch/v1", "Node": "v1",
+    "Pod": "v1", "JobSet": "jobset.x-k8s.io/v1alpha2",
+    "TrainJob": "trainer.kubeflow.org/v1alpha1", "PyTorchJob": "kubeflow.org/v1",
+    "MPIJob": "kubeflow.org/v1", "RayCluster": "ray.io/v1", "RayJob": "ray.io/v1",
+    "RayService": "ray.io/v1", "LeaderWorkerSet": "leaderworkerset.x-k8s.io/v1",
+    "InferenceService": "serving.kserve.io/v1beta1",
+    "Revision": "serving.knative.dev/v1",
+}
+RESOURCES = {kind: kind.lower() + "s" for kind in API_VERSIONS}
+
+
+def owner_uid(kind: str, name: str, namespace: str = "default") -> str:
+    """The uid of an owner object, the same for every pod that refers to it."""
+    key = f"{namespace}/{kind}/{name}".encode("utf-8", "surrogatepass").hex()
+    return str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, key))
+
+
+def owner_ref(kind: str, name: str, uid: str = "") -> dict[str, Any]:
+    return {"apiVersion": API_VERSIONS.get(kind, "example.com/v1"), "kind": kind,
+            "name": name, "uid": uid or owner_uid(kind, name), "controller": True,
+            "blockOwnerDeletion": True}
 
 
 def make_pod(name: str, *, namespace: str = "default", uid: str | None = None,
              node: str = "node-a", containers: dict[str, str] | None = None,
              init_containers: dict[str, str] | None = None,
              ephemeral_containers: dict[str, str] | None = None,
-             owner: tuple[str, str] | None = None, labels: dict[str, str] | None = None,
+             owner: tuple[str, str] | tuple[str, str, str] | None = None,
+             labels: dict[str, str] | None = None,
              qos: str = "Burstable", requests: dict[str, str] | None = None,
              sidecars: tuple[str, ...] = ()) -> dict[str, Any]:
     """A Pod object; ``containers`` maps container name to runtime-prefixed containerID."""
@@ -42,10 +71,8 @@ def make_pod(name: str, *, namespace: str = "default", uid: str | None = None,
     requests = requests or {}
     metadata: dict[str, Any] = {"name": name, "namespace": namespace,
                                 "uid": uid or str(uuidlib.uuid4()), "labels": labels or {}}
-    if owner is not None:
-        metadata["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": owner[0],
-                                        "name": owner[1], "uid": str(uuidlib.uuid4()),
-                                        "controller": True}]
+    if owner is not None:  # (kind, name) or (kind, name, uid)
+        metadata["ownerReferences"] = [owner_ref(*owner)]
 
     def spec_container(cname: str) -> dict[str, Any]:
         body: dict[str, Any] = {"name": cname, "image": "busybox"}
@@ -98,8 +125,12 @@ class FakeKubeApi:
         self.jobs: dict[tuple[str, str], dict[str, Any]] = {}
         self.nodes: dict[str, dict[str, Any]] = {}  # name -> Node object (GET only)
         self.forbid_nodes = False
+        # Any other owner: (resource, namespace, name) -> object; see add_owner.
+        self.owners: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.forbidden_resources: set[str] = set()  # 403 for GETs of these resources
         self.requests: list[Request] = []
         self._bookmark_pending = 0
+        self.watching = 0  # watch streams that have started (and will see bookmarks)
         self._close_watches = 0
         self.server: ThreadingHTTPServer | None = None
 
@@ -162,6 +193,32 @@ class FakeKubeApi:
             self._close_watches += 1
             self.cond.notify_all()
 
+    def add_owner(self, kind: str, name: str, namespace: str = "default",
+                  owner: tuple[str, str, str] | None = None) -> str:
+        """Store an owner object (with a spec, so a metadata-only answer is visible);
+        ``owner`` is its own controller (kind, name, uid). Returns the new object's uid."""
+        uid = owner_uid(kind, name, namespace)
+        metadata: dict[str, Any] = {"name": name, "namespace": namespace, "uid": uid,
+                                    "resourceVersion": str(self.rv)}
+        if owner is not None:
+            metadata["ownerReferences"] = [owner_ref(*owner)]
+        with self.cond:
+            self.owners[(RESOURCES[kind], namespace, name)] = {
+                "apiVersion": API_VERSIONS[kind], "kind": kind, "metadata": metadata,
+                "spec": {"template": {"spec": {"containers": [{"env": [
+                    {"name": "TOKEN", "value": "not-for-kwatt"}]}]}}}}
+        return uid
+
+    def remove_owner(self, kind: str, name: str, namespace: str = "default") -> None:
+        with self.cond:
+            self.owners.pop((RESOURCES[kind], namespace, name), None)
+
+    def owner_requests(self) -> list[Request]:
+        with self.cond:
+            return [r for r in self.requests if r.path.startswith("/apis/")
+                    or (r.path.startswith("/api/v1/namespaces/") and
+                        len(r.path.split("/")) == 7)]
+
     def pod_requests(self) -> list[Request]:
         with self.cond:
             return [r for r in self.requests if r.path.endswith("/pods")]
@@ -214,14 +271,16 @@ class FakeKubeApi:
         parts = urlsplit(handler.path)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         with self.cond:
-            self.requests.append(Request(parts.path, query))
+            self.requests.append(Request(parts.path, query,
+                                         handler.headers.get("Accept", "")))
         segments = [s for s in parts.path.split("/") if s]
         if parts.path == "/api/v1/pods" or (len(segments) == 5 and segments[4] == "pods"):
             self._pods(handler, query)
         elif len(segments) == 7 and segments[:2] == ["apis", "apps"] \
                 and segments[5] == "replicasets":
             self._owner(handler, self.replicasets.get((segments[4], segments[6])))
-        elif len(segments) == 7 and segments[:2] == ["apis", "batch"] and segments[5] == "jobs":
+        elif len(segments) == 7 and segments[:2] == ["apis", "batch"] and segments[5] == "jobs" \
+                and (segments[4], segments[6]) in self.jobs:
             self._owner(handler, self.jobs.get((segments[4], segments[6])))
         elif len(segments) == 4 and segments[:3] == ["api", "v1", "nodes"]:
             node = self.nodes.get(segments[3])
@@ -231,6 +290,18 @@ class FakeKubeApi:
                 self._json(handler, 404, self._status(404, "NotFound", "not found"))
             else:
                 self._json(handler, 200, node)
+        elif (len(segments) == 7 and segments[0] == "apis" and segments[3] == "namespaces") \
+                or (len(segments) == 6 and segments[:3] == ["api", "v1", "namespaces"]):
+            resource, namespace, name = segments[-2], segments[-3], segments[-1]
+            if resource in self.forbidden_resources:
+                self._json(handler, 403, self._status(403, "Forbidden", "forbidden"))
+                return
+            with self.cond:
+                obj = copy.deepcopy(self.owners.get((resource, namespace, name)))
+            if obj is not None and PARTIAL_OBJECT_METADATA in handler.headers.get("Accept", ""):
+                obj = {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                       "metadata": obj["metadata"]}
+            self._owner(handler, obj)
         else:
             self._json(handler, 404, self._status(404, "NotFound", handler.path))
 
@@ -309,6 +380,7 @@ class FakeKubeApi:
             with self.cond:
                 generation = self._close_watches
                 bookmarks_seen = self._bookmark_pending
+                self.watching += 1  # from here on a bookmark() reaches this stream
             while True:
                 with self.cond:
                     self.cond.wait_for(

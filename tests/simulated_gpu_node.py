@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from fake_kube_api import FakeKubeApi, make_pod
+from fake_kube_api import FakeKubeApi, make_pod, owner_uid
 from kwatt.config import load_config
 from kwatt.exporter import Exporter
 from kwatt.sources.nvml import MigInstance
@@ -38,6 +38,29 @@ HOLDERS = {  # key: (namespace, pod, container, pid on the GPU)
 }
 
 
+# AI workloads as their operators build them (docs/kubernetes.md): the trainer's pod is a
+# TrainJob's (TrainJob -> JobSet -> Job -> Pod), the two inference pods an InferenceService's
+# (named by KServe's pod label; their ReplicaSet is not served, as behind Knative).
+RUN = "llama-ft-0412"
+OWNERS: dict[str, tuple[tuple[str, str, str], dict[str, str]]] = {
+    "trainer": (("Job", f"{RUN}-node-0", owner_uid("Job", f"{RUN}-node-0", "ml")),
+                {"jobset.sigs.k8s.io/jobset-name": RUN}),
+    "infer-a": (("ReplicaSet", "llama-chat-predictor-00001-deployment-5d8f", ""),
+                {"serving.kserve.io/inferenceservice": "llama-chat",
+                 "pod-template-hash": "5d8f"}),
+    "infer-b": (("ReplicaSet", "llama-chat-predictor-00001-deployment-5d8f", ""),
+                {"serving.kserve.io/inferenceservice": "llama-chat",
+                 "pod-template-hash": "5d8f"}),
+}
+
+
+def add_run_owners(api: FakeKubeApi) -> None:
+    api.add_owner("TrainJob", RUN, "ml")
+    api.add_owner("JobSet", RUN, "ml", owner=("TrainJob", RUN, owner_uid("TrainJob", RUN, "ml")))
+    api.add_owner("Job", f"{RUN}-node-0", "ml",
+                  owner=("JobSet", RUN, owner_uid("JobSet", RUN, "ml")))
+
+
 class SimulatedGpuNode:
     def __init__(self, root: Path, config_file: Path, api: FakeKubeApi, kubeconfig: Path,
                  node_name: str = "gpu-node") -> None:
@@ -45,12 +68,15 @@ class SimulatedGpuNode:
         self.node.add_rapl_zone("0", "package-0")
         self.node.add_rapl_zone("0:0", "dram")
         self.paths: dict[str, str] = {}
+        add_run_owners(api)
         for key, (_namespace, pod, _name, pid) in HOLDERS.items():
             sim_pod = self.node.add_pod(pod_uid(pod), "burstable", "containerd")
             path = self.node.add_container(sim_pod, container_id(key)).path
             self.paths[key] = path
+            owner, labels = OWNERS.get(key, (None, {}))
             api.add(make_pod(pod, namespace=_namespace, uid=pod_uid(pod), node=node_name,
-                             containers={_name: f"containerd://{container_id(key)}"}))
+                             containers={_name: f"containerd://{container_id(key)}"},
+                             owner=owner, labels=labels))
             proc = self.node.procfs / str(pid)
             proc.mkdir(parents=True, exist_ok=True)
             (proc / "cgroup").write_text(f"0::{path}\n")

@@ -416,6 +416,8 @@ def test_values_config_keys_are_exporter_keys() -> None:
     not_in_chart = {
         "kubernetes.service_account_dir",  # the pod's token mount is fixed by Kubernetes
         "host.docker_root",  # host mode only: names Docker containers outside Kubernetes
+        # set from rbac.ownerKinds, so the exporter reads exactly what the ClusterRole grants
+        "kubernetes.owner_lookups",
     }
     assert set(FILE_ONLY) - not_in_chart <= chart_keys, \
         set(FILE_ONLY) - not_in_chart - chart_keys
@@ -451,10 +453,20 @@ def test_notes_say_how_to_see_the_metrics(case: str, tmp_path: Path) -> None:
 
 def test_cluster_role_is_least_privilege_and_commented() -> None:
     role = only(render("default"), "ClusterRole")
+    get = ["get"]
     assert role["rules"] == [
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
-        {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["get"]},
-        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get"]},
+        {"apiGroups": ["apps"], "resources": ["replicasets", "statefulsets"], "verbs": get},
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": get},
+        {"apiGroups": ["jobset.x-k8s.io"], "resources": ["jobsets"], "verbs": get},
+        {"apiGroups": ["kubeflow.org"], "resources": ["mpijobs", "pytorchjobs"], "verbs": get},
+        {"apiGroups": ["leaderworkerset.x-k8s.io"], "resources": ["leaderworkersets"],
+         "verbs": get},
+        {"apiGroups": ["ray.io"], "resources": ["rayclusters", "rayjobs", "rayservices"],
+         "verbs": get},
+        {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
+         "verbs": get},
+        {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": get},
     ]
     without = only(render("default", "--set", "rbac.ownerLookups=false"), "ClusterRole")
     assert without["rules"] == role["rules"][:1]
@@ -466,6 +478,35 @@ def test_cluster_role_is_least_privilege_and_commented() -> None:
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kwatt",
                                     "namespace": NAMESPACE}]
     assert pod_spec(render("default"))["serviceAccountName"] == "kwatt"
+
+
+def _exporter_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    maps = [d for d in docs if d["kind"] == "ConfigMap" and "config.yaml" in d["data"]]
+    loaded: dict[str, Any] = yaml.safe_load(maps[0]["data"]["config.yaml"])
+    return loaded
+
+
+def test_owner_kinds_are_granted_get_and_read_by_the_exporter_alike(tmp_path: Path) -> None:
+    """The ClusterRole grants get on exactly the kinds the exporter is told to read, and
+    the exporter's own config loader accepts the list."""
+    docs = render("default", "--set", "rbac.ownerKinds={jobs.batch,rayclusters.ray.io,"
+                  "notebooks.kubeflow.org}")
+    assert only(docs, "ClusterRole")["rules"][1:] == [
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get"]},
+        {"apiGroups": ["kubeflow.org"], "resources": ["notebooks"], "verbs": ["get"]},
+        {"apiGroups": ["ray.io"], "resources": ["rayclusters"], "verbs": ["get"]},
+    ]
+    lookups = _exporter_config(docs)["kubernetes"]["owner_lookups"]
+    assert lookups == ["jobs.batch", "rayclusters.ray.io", "notebooks.kubeflow.org"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(_exporter_config(docs)))
+    config = load_config(["--config", str(path)], env={"NODE_NAME": "n"})
+    assert config.owner_lookups == tuple(lookups)
+    off = render("default", "--set", "rbac.ownerLookups=false")
+    assert _exporter_config(off)["kubernetes"]["owner_lookups"] == []
+    bad = helm("template", RELEASE, str(CHART), "--set", "rbac.ownerKinds={Jobs}",
+               check=False)
+    assert bad.returncode != 0 and "ownerKinds" in bad.stderr
 
 
 # --------------------------------------------------------------------------- monitoring

@@ -19,10 +19,11 @@ from conftest import require_tool
 from dashboard_model import link_urls, load_dashboards, panels, queries, variables_used
 
 DS_UID = "${datasource}"
-GRAFANA_BUILTINS = {"__rate_interval", "__range", "__interval", "__all", "__url_time_range",
-                    "__field", "__value", "__series", "__data"}
+GRAFANA_BUILTINS = {"__rate_interval", "__range", "__interval", "__interval_ms", "__all",
+                    "__url_time_range", "__field", "__value", "__series", "__data"}
 _COUNTER = re.compile(r"\b(\w+_total)\b")
 _RANGE = re.compile(r"\[([^\]]+)\]")
+_SUBQUERY_OVER_RANGE = re.compile(r"^\$__range:\$__interval$")
 _RATE_CALL = re.compile(r"\b(i?rate)\(")
 _DASHBOARD_URL = re.compile(r"^/d/([\w-]+)")
 KWH_DIVISOR = "3600000"
@@ -67,16 +68,18 @@ def lint(model: dict[str, Any], known_uids: set[str]) -> list[str]:
         seen_titles.add(title)
         if not (panel.get("description") or "").strip():
             problems.append(f"{where}: panel without description")
-        unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit")
-        if not unit:
+        panel_unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit")
+        if not panel_unit:
             problems.append(f"{where}: panel without unit")
         if (panel.get("datasource") or {}).get("uid") != DS_UID:
             problems.append(f"{where}: panel datasource is not $datasource")
         targets = panel.get("targets", [])
         if not targets:
             problems.append(f"{where}: panel without queries")
+        column_units = _column_units(panel)
         for target in targets:
             expr = target.get("expr", "")
+            unit = column_units.get(target.get("refId", ""), panel_unit)
             if (target.get("datasource") or {}).get("uid") != DS_UID:
                 problems.append(f"{where}: query datasource is not $datasource")
             problems += [f"{where}: {p}" for p in lint_expr(expr, set(defined))]
@@ -99,6 +102,26 @@ def lint(model: dict[str, Any], known_uids: set[str]) -> list[str]:
     return problems
 
 
+def _column_units(panel: dict[str, Any]) -> dict[str, str]:
+    """refId -> unit, for tables whose merged columns ("Value #<refId>", renamed by an
+    organize transformation) each carry their unit in a by-name override."""
+    renames: dict[str, str] = {}
+    for transformation in panel.get("transformations") or []:
+        if transformation.get("id") == "organize":
+            renames.update((transformation.get("options") or {}).get("renameByName") or {})
+    by_name = {override["matcher"].get("options"): prop.get("value")
+               for override in panel.get("fieldConfig", {}).get("overrides") or []
+               if override.get("matcher", {}).get("id") == "byName"
+               for prop in override.get("properties") or [] if prop.get("id") == "unit"}
+    units = {}
+    for target in panel.get("targets", []):
+        ref = target.get("refId", "")
+        column = renames.get(f"Value #{ref}", f"Value #{ref}")
+        if column in by_name:
+            units[ref] = by_name[column]
+    return units
+
+
 def lint_expr(expr: str, defined: set[str]) -> list[str]:
     problems = []
     for match in _COUNTER.finditer(expr):
@@ -106,7 +129,10 @@ def lint_expr(expr: str, defined: set[str]) -> list[str]:
         if not re.search(r"\b(rate|irate|increase)\($", before):
             problems.append(f"counter {match.group(1)} used without rate/increase")
     for window in _RANGE.findall(expr):
-        if window not in ("$__rate_interval", "$__range"):
+        # A subquery over the range at the panel's interval (sum_over_time of a gauge,
+        # scaled by $__interval_ms) is allowed.
+        if window not in ("$__rate_interval", "$__range") \
+                and not _SUBQUERY_OVER_RANGE.match(window):
             problems.append(f"range [{window}] should be $__rate_interval or $__range")
     for call in _RATE_CALL.finditer(expr):
         window = _RANGE.search(expr, call.end())
@@ -118,9 +144,9 @@ def lint_expr(expr: str, defined: set[str]) -> list[str]:
     return problems
 
 
-def test_shipped_dashboards_are_the_six_documented() -> None:
+def test_shipped_dashboards_are_the_seven_documented() -> None:
     assert set(DASHBOARDS) == {"kwatt-cluster", "kwatt-namespace", "kwatt-workload",
-                               "kwatt-gpu", "kwatt-node", "kwatt-exporter"}
+                               "kwatt-gpu", "kwatt-node", "kwatt-exporter", "kwatt-runs"}
 
 
 @pytest.mark.parametrize("uid", sorted(DASHBOARDS))
@@ -158,6 +184,7 @@ def test_lint_catches_each_defect() -> None:
 
 def substitute_for_parsing(expr: str) -> str:
     return (expr.replace("$__rate_interval", "1m").replace("$__range", "1h")
+            .replace("$__interval_ms", "15000").replace("$__interval", "15s")
             .replace("$idle_utilization", "0.05")
             .replace('"$', '"').replace("${", "{"))
 

@@ -62,11 +62,13 @@ def test_pod_info_renders_allowlisted_labels_kube_state_metrics_style() -> None:
     registry.register(PodInfoCollector(store.current, "node-a", allowlist))
     text = generate_latest(registry).decode()
     assert ('kwatt_pod_info{label_app_kubernetes_io_name="web",label_cost_center="",'
-            'label_team="checkout",namespace="shop",node="node-a",pod="web-1",'
+            'label_team="checkout",namespace="shop",node="node-a",owner_kind="StatefulSet",'
+            'owner_name="web",pod="web-1",'
             'qos_class="Guaranteed",uid="u1",workload="web",workload_kind="StatefulSet"} 1.0'
             ) in text
     assert ('kwatt_pod_info{label_app_kubernetes_io_name="",label_cost_center="",'
-            'label_team="ml",namespace="dev",node="node-a",pod="solo",qos_class="BestEffort",'
+            'label_team="ml",namespace="dev",node="node-a",owner_kind="",owner_name="",'
+            'pod="solo",qos_class="BestEffort",'
             'uid="u2",workload="solo",workload_kind="Pod"} 1.0') in text
     assert "secret" not in text
 
@@ -227,6 +229,7 @@ def test_exporter_names_containers_and_serves_pod_info(tmp_path: Path) -> None:
             'namespace="shop",node="node-a",pod="cart-5d8f7c-abcde",workload="cart",'
             'workload_kind="Deployment"}') in text
     assert ('kwatt_pod_info{label_team="checkout",namespace="shop",node="node-a",'
+            'owner_kind="ReplicaSet",owner_name="cart-5d8f7c",'
             f'pod="cart-5d8f7c-abcde",qos_class="Burstable",uid="{uid}",workload="cart",'
             'workload_kind="Deployment"} 1.0') in text
     assert 'kwatt_source_up{node="node-a",source="kubernetes"} 1.0' in text

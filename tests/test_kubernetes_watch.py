@@ -66,7 +66,8 @@ def test_bookmark_moves_the_resource_version_a_reconnect_resumes_from(tmp_path: 
     api = FakeKubeApi()
     api.add(make_pod("a", uid=pod_uid("a")))
     with running_watcher(api, tmp_path) as parts:
-        wait_until(lambda: parts.watcher.watches >= 1 and parts.store.current().synced)
+        # The server's stream must be open, or the bookmark is sent to no one.
+        wait_until(lambda: api.watching >= 1 and parts.store.current().synced)
         api.bookmark()
         bookmark_rv = str(api.rv)
         wait_until(lambda: parts.watcher.resource_version == bookmark_rv, what="bookmark")

@@ -231,7 +231,7 @@ def regex_escape(value: str) -> str:
 
 def substitute(text: str, values: dict[str, str], range_s: int) -> str:
     builtins = {"__rate_interval": RATE_INTERVAL, "__range": f"{range_s}s",
-                "__interval": "1s"}
+                "__interval": "1s", "__interval_ms": "1000"}
 
     def replace(match: re.Match[str]) -> str:
         name = match.group(1) or match.group(2)

@@ -9,6 +9,7 @@ from kwatt_dashboards.common import (
     PUE_CARBON,
     UID_CLUSTER,
     UID_NAMESPACE,
+    UID_RUNS,
     UID_WORKLOAD,
     bars,
     carbon_grams,
@@ -92,12 +93,15 @@ def build(currency_unit: str) -> dashboard.Dashboard:
                    "{{namespace}}", instant=True), links=[to_ns]))
         .with_panel(bars(
             "Top workloads by energy", "The ten workloads (Deployment, StatefulSet, CronJob, "
-            "...) with most energy over the range. Click for the workload dashboard.",
+            "TrainJob, InferenceService, ...: the top owner of their pods) with most energy "
+            "over the range. Click for the workload dashboard, or for training runs and "
+            "served models.",
             "kwatth",
             target(f"topk(10, sum by (namespace, workload_kind, workload) "
                    f"(increase({WL_E}[$__range]))) / {KWH}",
                    "{{namespace}}/{{workload}} ({{workload_kind}})", instant=True),
-            links=[to_wl]))
+            links=[to_wl, drill(UID_RUNS, "Training runs and served models",
+                                namespace="namespace")]))
         .with_panel(bars(
             "Top namespaces by carbon", "Grams CO2e over the range per namespace, each node's "
             "share weighted by its grid intensity and PUE.", "massg",

@@ -37,6 +37,7 @@ UID_WORKLOAD = "kwatt-workload"
 UID_GPU = "kwatt-gpu"
 UID_NODE = "kwatt-node"
 UID_EXPORTER = "kwatt-exporter"
+UID_RUNS = "kwatt-runs"
 
 TITLES = {
     UID_CLUSTER: "kwatt / Cluster energy",
@@ -45,6 +46,7 @@ TITLES = {
     UID_GPU: "kwatt / GPUs",
     UID_NODE: "kwatt / Node",
     UID_EXPORTER: "kwatt / Exporter health",
+    UID_RUNS: "kwatt / Training runs and served models",
 }
 
 CLUSTER = 'cluster=~"$cluster"'

@@ -62,8 +62,9 @@ def build(currency_unit: str) -> dashboard.Dashboard:
             target(cost(per_node_range), "{{currency}}", instant=True)))
         .with_row(row("Workloads and pods"))
         .with_panel(ts(
-            "Power by workload", "Power of each workload (Deployment, StatefulSet, CronJob, "
-            "...). Click a series for the workload dashboard.", "watt",
+            "Power by workload", "Power of each workload: the top owner of its pods "
+            "(Deployment, StatefulSet, CronJob, TrainJob, RayJob, InferenceService, ...). "
+            "Click a series for the workload dashboard.", "watt",
             target(f"sum by (namespace, workload_kind, workload) "
                    f"(rate({WL_E}[$__rate_interval]))", "{{workload}} ({{workload_kind}})"),
             links=[to_wl], stacked=True))

@@ -39,9 +39,10 @@ def build(currency_unit: str) -> dashboard.Dashboard:
         # From the workload counter, which outlives pods: a CronJob between runs is listed.
         query_variable("workload", "Workload", "kwatt_workload_energy_joules_total",
                        ['cluster=~"$cluster"', NS],
-                       "Owner of the pods: Deployment, StatefulSet, DaemonSet, CronJob, Job or "
-                       "the pod itself; in host mode a systemd unit or container. Listed for "
-                       "25 h after its last pod."),
+                       "Top owner of the pods: Deployment, StatefulSet, DaemonSet, CronJob, "
+                       "Job, TrainJob, JobSet, RayJob, LeaderWorkerSet, InferenceService, ... "
+                       "or the pod itself; in host mode a systemd unit or container. Listed "
+                       "for 25 h after its last pod."),
         query_variable("pod", "Pod", CT, ['cluster=~"$cluster"', NS, WL],
                        "Pods of the workload (running or inside the retention window)."),
     ]

@@ -18,6 +18,9 @@ from typing import Any
 
 import yaml
 
+from kwatt.ledger import MAX_WORKLOADS, WORKLOAD_RETENTION_SECONDS
+from kwatt.workloads.owners import DEFAULT_OWNER_LOOKUPS
+
 DEFAULT_PORT = 9877
 DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
 DEFAULT_POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
@@ -115,6 +118,12 @@ class Config:
     retention_seconds: float = 300.0
     max_retained_containers: int = 10000
     pod_label_allowlist: tuple[str, ...] = ()
+    # Owner kinds read to find a pod's top workload, as RBAC names them (resource.group).
+    owner_lookups: tuple[str, ...] = DEFAULT_OWNER_LOOKUPS
+    # kwatt_workload_energy_joules_total: kept this long after a workload's last container,
+    # at most this many per node (ledger.py).
+    workload_retention_seconds: float = WORKLOAD_RETENTION_SECONDS
+    max_workloads: int = MAX_WORKLOADS
     docker_root: str = "/var/lib/docker"
     carbon_intensity_grams_per_kwh: float | None = None
     energy_price_per_kwh: float | None = None
@@ -231,6 +240,19 @@ def _string_list(key: str, value: object) -> tuple[str, ...]:
     else:
         raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
     return tuple(items)
+
+
+_RBAC_RESOURCE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def _owner_lookups(key: str, value: object) -> tuple[str, ...]:
+    """``resource.group`` entries (``replicasets.apps``), as RBAC rules name them."""
+    items = _string_list(key, value)
+    for item in items:
+        if not _RBAC_RESOURCE.match(item):
+            raise ConfigError(f"{key}: expected resource.group like replicasets.apps, "
+                              f"got {item!r}")
+    return items
 
 
 def _listen_address(key: str, value: object) -> str:
@@ -437,6 +459,9 @@ FILE_ONLY: dict[str, tuple[str, Callable[[str, object], Any]]] = {
     "kubernetes.pod_label_allowlist": ("pod_label_allowlist", _string_list),
     "kubernetes.service_account_dir": ("service_account_dir", _string),
     "kubernetes.read_node": ("kubernetes_read_node", _bool),
+    "kubernetes.owner_lookups": ("owner_lookups", _owner_lookups),
+    "workloads.retention": ("workload_retention_seconds", _positive_duration),
+    "workloads.max": ("max_workloads", lambda k, v: _int(k, v, minimum=1)),
     "host.docker_root": ("docker_root", _string),
     "retention_max_containers": (
         "max_retained_containers", lambda k, v: _int(k, v, minimum=1)),

@@ -86,15 +86,18 @@ class PodInfoCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         family = GaugeMetricFamily(
             "kwatt_pod_info",
-            "Pods on this node with their workload, QoS class and allowlisted pod labels; "
-            "always 1. Join on namespace and pod.",
+            "Pods on this node with their workload (the top owner), their own controller "
+            "(owner_kind, owner_name), QoS class and allowlisted pod labels; always 1. "
+            "Join on namespace and pod.",
             labels=("node", "namespace", "pod", "uid", "workload", "workload_kind",
-                    "qos_class", *(metric for _, metric in self._labels)))
+                    "owner_kind", "owner_name", "qos_class",
+                    *(metric for _, metric in self._labels)))
         for record in self._index().pods.values():
             present = dict(record.labels)
             family.add_metric(
                 (self._node, record.namespace, record.name, record.uid, record.workload,
-                 record.workload_kind, record.qos_class,
+                 record.workload_kind, record.owner_kind, record.owner_name,
+                 record.qos_class,
                  *(present.get(pod_label, "") for pod_label, _ in self._labels)), 1.0)
         yield family
 
@@ -165,7 +168,8 @@ def build_kubernetes(config: Config, clock: Callable[[], float] = time.monotonic
     api_client = api_client_for(config)
     store = PodStore(config.retention_seconds, clock)
     health = WatchHealth(settings.no_watch_grace_seconds)
-    owners = ApiOwnerResolver(api_client, settings, clock, health.report)
+    owners = ApiOwnerResolver(api_client, settings, clock, health.report,
+                              config.owner_lookups)
     watcher = PodWatcher(api_client, config.node_name, store, owners,
                          config.pod_label_allowlist, settings, clock, health=health)
     return KubernetesParts(

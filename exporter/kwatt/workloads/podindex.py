@@ -21,6 +21,18 @@ from kwatt.ledger import WorkloadLabels
 from kwatt.text import clean_text
 from kwatt.workloads.cgroups import CgroupIdentity
 from kwatt.workloads.naming import POD_SANDBOX_CONTAINER, HostNamer
+from kwatt.workloads.owners import Owner, OwnerResolution, OwnerSource
+from kwatt.workloads.owners import resolve as resolve_owners
+
+__all__ = [
+    "KubernetesNamer",
+    "Owner",
+    "OwnerResolver",
+    "PodIndex",
+    "PodRecord",
+    "PodStore",
+    "pod_record",
+]
 
 # Bound on deleted pods remembered for late naming; each costs well under 2 KiB.
 MAX_TOMBSTONES = 2048
@@ -28,7 +40,6 @@ MAX_TOMBSTONES = 2048
 _CONTAINER_ID = re.compile(r"^(?:containerd|cri-o|docker)://([0-9a-f]{64})$")
 _CPU_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e([+-]?[0-9]+))?(n|u|m|k|M|G|)$")
 _CPU_SUFFIX = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "": 1.0, "k": 1e3, "M": 1e6, "G": 1e9}
-_CRONJOB_JOB_NAME = re.compile(r"^(.+)-([0-9]{8,})$")
 
 
 def parse_cpu_quantity(text: str) -> float | None:
@@ -50,61 +61,17 @@ def container_id_from_status(value: object) -> str | None:
     return match.group(1) if match else None
 
 
-@dataclass(frozen=True)
-class Owner:
-    """The workload a pod belongs to: ``workload`` and ``workload_kind`` labels."""
-
-    name: str
-    kind: str
-
-
-class OwnerResolver:
-    """Resolves a pod's controlling owner to its workload. The base class uses name rules only.
-
-    ReplicaSet -> Deployment: the ReplicaSet name minus "-<pod-template-hash>" when it ends
-    with the pod's ``pod-template-hash`` label. Job -> CronJob: the Job name minus a trailing
-    "-<8 or more digits>" (the CronJob controller names Jobs "<cronjob>-<minutes since epoch>").
-    ``podwatch.ApiOwnerResolver`` reads the owner's own ownerReferences instead when allowed.
+class OwnerResolver(OwnerSource):
+    """Names a pod's workload: the top of its controlling owners (owners.py). This base
+    reads no owner, so name and label rules answer: ReplicaSet -> Deployment when the
+    ReplicaSet name ends with "-" + the pod's ``pod-template-hash``; Job -> CronJob when
+    the Job name ends in "-<8 or more digits>" (the CronJob controller names Jobs
+    "<cronjob>-<minutes since epoch>"); operator labels (JobSet, LeaderWorkerSet, KServe).
+    ``podwatch.ApiOwnerResolver`` reads each owner's metadata from the API instead.
     """
 
-    def replicaset_owner(self, namespace: str, name: str) -> Owner | None:
-        return None  # unknown: use the name rule
-
-    def job_owner(self, namespace: str, name: str) -> Owner | None:
-        return None
-
-    def resolve(self, pod: Mapping[str, Any]) -> Owner:
-        metadata = pod.get("metadata") or {}
-        pod_name = str(metadata.get("name", ""))
-        namespace = str(metadata.get("namespace", ""))
-        refs = [r for r in metadata.get("ownerReferences") or [] if isinstance(r, Mapping)]
-        controller = next((r for r in refs if r.get("controller")), refs[0] if refs else None)
-        if controller is None:
-            return Owner(pod_name, "Pod")
-        kind = str(controller.get("kind", ""))
-        name = str(controller.get("name", ""))
-        if kind == "ReplicaSet":
-            found = self.replicaset_owner(namespace, name)
-            if found is not None:
-                return found
-            labels = metadata.get("labels") or {}
-            template_hash = labels.get("pod-template-hash") if isinstance(labels, Mapping) \
-                else None
-            if isinstance(template_hash, str) and template_hash \
-                    and name.endswith("-" + template_hash):
-                return Owner(name[: -len(template_hash) - 1], "Deployment")
-            return Owner(name, "ReplicaSet")
-        if kind == "Job":
-            found = self.job_owner(namespace, name)
-            if found is not None:
-                return found
-            match = _CRONJOB_JOB_NAME.match(name)
-            if match is not None:
-                return Owner(match.group(1), "CronJob")
-            return Owner(name, "Job")
-        if kind == "Node":  # mirror pod of a static pod
-            return Owner(pod_name, "StaticPod")
-        return Owner(name or pod_name, kind or "Pod")
+    def resolve(self, pod: Mapping[str, Any]) -> OwnerResolution:
+        return resolve_owners(pod, self)
 
 
 @dataclass(frozen=True)
@@ -115,6 +82,8 @@ class PodRecord:
     workload: str
     workload_kind: str
     qos_class: str
+    owner_name: str  # the pod's own controller (a Job, a StatefulSet), "" for a bare pod
+    owner_kind: str
     labels: tuple[tuple[str, str], ...]  # allowlisted pod labels present on the pod
     containers: tuple[tuple[str, str], ...]  # (container id, container name)
     cpu_requests: tuple[tuple[str, float], ...]  # (container name, cores)
@@ -173,8 +142,9 @@ def pod_record(pod: Mapping[str, Any], owners: OwnerResolver,
     owner = owners.resolve(pod)
     return PodRecord(
         uid=_label(uid), namespace=_label(metadata.get("namespace", "")),
-        name=_label(metadata.get("name", "")), workload=_label(owner.name),
-        workload_kind=_label(owner.kind),
+        name=_label(metadata.get("name", "")), workload=_label(owner.workload.name),
+        workload_kind=_label(owner.workload.kind), owner_name=_label(owner.owner.name),
+        owner_kind=_label(owner.owner.kind),
         qos_class=_label(status.get("qosClass", "")), labels=allowed,
         containers=tuple(sorted(containers.items())), cpu_requests=tuple(requests),
         resource_version=str(metadata.get("resourceVersion", "")))

@@ -43,7 +43,18 @@ import urllib3
 
 from kwatt.faults import Fault
 from kwatt.logs import RateLimitedLog
-from kwatt.workloads.podindex import Owner, OwnerResolver, PodRecord, PodStore, pod_record
+from kwatt.text import is_clean
+from kwatt.workloads.owners import (
+    DEFAULT_OWNER_LOOKUPS,
+    GONE,
+    TOP,
+    UNKNOWN,
+    Lookup,
+    ObjectRef,
+    OwnerLookups,
+    controller_ref,
+)
+from kwatt.workloads.podindex import OwnerResolver, PodRecord, PodStore, pod_record
 
 log = logging.getLogger("kwatt.kubernetes")
 
@@ -64,6 +75,8 @@ class WatchSettings:
     max_attempts_per_window: int = 12
     attempt_window_seconds: float = 60.0
     owner_cache_size: int = 4096
+    # An owner's controller is read again after this long (ownerReferences rarely change).
+    owner_cache_ttl_seconds: float = 600.0
     owner_forbidden_retry_seconds: float = 600.0
     owner_error_retry_seconds: float = 60.0  # after a 5xx or timeout: name rules meanwhile
     # A watch that stayed up this long resets the backoff.
@@ -88,14 +101,15 @@ class ApiRequests:
     def __init__(self, api_client: Any) -> None:
         self._client = api_client
 
-    def get(self, path: str, query: Mapping[str, object], timeout: tuple[float, float]) -> Any:
+    def get(self, path: str, query: Mapping[str, object], timeout: tuple[float, float],
+            accept: str = "application/json") -> Any:
         """The urllib3 response, body not read; raises ApiException on a non-2xx status."""
         from kubernetes.client.exceptions import ApiException
 
         params = self._client.param_serialize(
             method="GET", resource_path=path,
             query_params=[(k, v) for k, v in query.items() if v is not None],
-            header_params={"Accept": "application/json"}, auth_settings=["BearerToken"])
+            header_params={"Accept": accept}, auth_settings=["BearerToken"])
         response = self._client.call_api(*params, _request_timeout=timeout)
         if not 200 <= response.status <= 299:
             response.read()
@@ -103,82 +117,139 @@ class ApiRequests:
         return response.response
 
 
-class ApiOwnerResolver(OwnerResolver):
-    """Reads a ReplicaSet's or Job's own ownerReferences to find its Deployment or CronJob.
+# Metadata only; plain JSON from a server that cannot (its metadata is read the same way).
+PARTIAL_OBJECT_METADATA = \
+    "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
 
-    RBAC: ``get`` on ``apps/replicasets`` and ``batch/jobs``. On 403 the lookups for that
-    kind stop for ``owner_forbidden_retry_seconds`` (other failures: for
-    ``owner_error_retry_seconds``) and the name rule answers instead.
-    Results are cached (bounded LRU); never a list, only single ``get`` requests.
+
+@dataclass
+class _CachedOwner:
+    uid: str
+    parent: ObjectRef | None
+    fetched_at: float
+    gone: bool = False
+
+
+class ApiOwnerResolver(OwnerResolver):
+    """Walks a pod's controlling owners through the API: one metadata-only ``get`` per
+    owner (PartialObjectMetadata: no spec, no status, whatever the kind), never a list.
+
+    RBAC: ``get`` on the kinds in ``lookups`` (``resource.group``, the chart's
+    ``rbac.ownerKinds``); other kinds are not read. On 403 the lookups of that kind stop
+    for ``owner_forbidden_retry_seconds`` (said once per kind in the log, counted each
+    time) and labels and name rules answer; other failures pause that kind for
+    ``owner_error_retry_seconds``.
+
+    Cache (bounded LRU, ``owner_cache_size``) per object name: an entry is used for
+    ``owner_cache_ttl_seconds``, and only for references carrying the same uid. A 404, or
+    the name now held by another uid, marks the entry gone: references with its uid keep
+    its last known owner (a run whose TrainJob was deleted keeps the TrainJob's name while
+    its pods wind down), references with another uid read afresh.
     """
 
     def __init__(self, api_client: Any, settings: WatchSettings,
-                 clock: Callable[[], float], report: Callable[[Fault], None]) -> None:
+                 clock: Callable[[], float], report: Callable[[Fault], None],
+                 lookups: tuple[str, ...] = DEFAULT_OWNER_LOOKUPS) -> None:
         self._api = ApiRequests(api_client)
         self._settings = settings
         self._clock = clock
         self._report = report
-        self._cache: collections.OrderedDict[tuple[str, str, str], Owner | None] = \
+        self._lookups = OwnerLookups.parse(lookups)
+        self._cache: collections.OrderedDict[tuple[str, str, str, str], _CachedOwner] = \
             collections.OrderedDict()
         self._forbidden_until: dict[str, float] = {}
+        self._forbidden_logged: set[str] = set()
+        self._log = RateLimitedLog(log, every=600.0)
         self.requests = 0
 
-    def replicaset_owner(self, namespace: str, name: str) -> Owner | None:
-        return self._lookup("ReplicaSet", namespace, name, {"Deployment"})
+    def cycle(self, namespace: str, ref: ObjectRef) -> None:
+        self._log.log(logging.WARNING, f"cycle {namespace}/{ref.kind}/{ref.name}",
+                      "ownerReferences form a cycle; naming the workload where it closes",
+                      source=SOURCE, namespace=namespace, owner_kind=ref.kind,
+                      owner_name=ref.name)
 
-    def job_owner(self, namespace: str, name: str) -> Owner | None:
-        return self._lookup("Job", namespace, name, {"CronJob"})
-
-    def _lookup(self, kind: str, namespace: str, name: str, parents: set[str]) -> Owner | None:
+    def parent(self, namespace: str, ref: ObjectRef) -> Lookup:
         from kubernetes.client.exceptions import ApiException
 
-        key = (kind, namespace, name)
-        if key in self._cache:
+        resource = self._lookups.resource(ref)
+        if resource is None or not ref.name or not is_clean(ref.name + namespace):
+            return UNKNOWN  # a name with lone surrogates ("\\ud800") cannot be a URL
+        key = (ref.group, ref.kind, namespace, ref.name)
+        now = self._clock()
+        cached = self._cache.get(key)
+        if cached is not None:
             self._cache.move_to_end(key)
-            return self._cache[key]
-        if self._forbidden_until.get(kind, 0.0) > self._clock():
-            return None
+            same = not ref.uid or not cached.uid or cached.uid == ref.uid
+            if same and (cached.gone or
+                         now - cached.fetched_at < self._settings.owner_cache_ttl_seconds):
+                return self._answer(cached)
+        if self._forbidden_until.get(ref.kind, 0.0) > now:
+            return UNKNOWN
         timeout = (self._settings.connect_timeout_seconds, self._settings.owner_timeout_seconds)
+        prefix = f"/apis/{ref.api_version}" if ref.group else "/api/v1"
+        path = f"{prefix}/namespaces/{quote(namespace, safe='')}/{resource}/" \
+            f"{quote(ref.name, safe='')}"
         self.requests += 1
         try:
-            group = "apps/v1/namespaces/{}/replicasets/{}" if kind == "ReplicaSet" \
-                else "batch/v1/namespaces/{}/jobs/{}"
-            path = "/apis/" + group.format(quote(namespace, safe=""), quote(name, safe=""))
-            body = json.loads(self._api.get(path, {}, timeout).data)
+            body = json.loads(self._api.get(path, {}, timeout,
+                                            accept=PARTIAL_OBJECT_METADATA).data)
         except ApiException as exc:
             if exc.status == 403:
-                self._forbidden_until[kind] = \
-                    self._clock() + self._settings.owner_forbidden_retry_seconds
-                self._report(Fault(SOURCE, "permission", f"get {kind}",
-                                   "forbidden; using the name rule for workload names"))
-            elif exc.status == 404:
-                self._remember(key, None)  # gone already: the name rule it is
-            else:
-                self._pause(kind)
-                self._report(Fault(SOURCE, "api", f"get {kind}", f"HTTP {exc.status}"))
-            return None
+                self._forbidden_until[ref.kind] = \
+                    now + self._settings.owner_forbidden_retry_seconds
+                self._report(Fault(SOURCE, "permission", f"get {ref.kind}",
+                                   "forbidden; using labels and name rules for workload names"))
+                if ref.kind not in self._forbidden_logged:
+                    self._forbidden_logged.add(ref.kind)
+                    log.warning("RBAC does not allow get %s.%s; naming their pods' workloads "
+                                "by labels and name rules", resource, ref.group,
+                                extra={"source": SOURCE, "kind": ref.kind})
+                return UNKNOWN
+            if exc.status == 404:
+                return self._gone(key, ref, cached, now)
+            self._pause(ref.kind)
+            self._report(Fault(SOURCE, "api", f"get {ref.kind}", f"HTTP {exc.status}"))
+            return UNKNOWN
         except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-            self._pause(kind)
+            self._pause(ref.kind)
             self._report(Fault(SOURCE, "timeout" if _is_timeout(exc) else "api",
-                               f"get {kind}", str(exc)[:200]))
-            return None
-        refs = ((body.get("metadata") or {}).get("ownerReferences") or []) \
-            if isinstance(body, Mapping) else []
-        owner: Owner | None = Owner(name, kind)
-        for ref in refs:
-            if isinstance(ref, Mapping) and ref.get("controller") \
-                    and ref.get("kind") in parents:
-                owner = Owner(str(ref.get("name", "")), str(ref["kind"]))
-        self._remember(key, owner)
-        return owner
+                               f"get {ref.kind}", str(exc)[:200]))
+            return UNKNOWN
+        metadata = (body.get("metadata") or {}) if isinstance(body, Mapping) else {}
+        if not isinstance(metadata, Mapping):
+            metadata = {}
+        uid = str(metadata.get("uid", ""))
+        found = _CachedOwner(uid, controller_ref(metadata), now)
+        if ref.uid and uid and uid != ref.uid:
+            # The name belongs to a new object now; the one referenced is gone.
+            answer = self._gone(key, ref, cached, now)
+            self._remember(key, found)
+            return answer
+        self._remember(key, found)
+        return self._answer(found)
+
+    @staticmethod
+    def _answer(entry: _CachedOwner) -> Lookup:
+        if entry.parent is not None:
+            return Lookup("parent", entry.parent)
+        return GONE if entry.gone else TOP
+
+    def _gone(self, key: tuple[str, str, str, str], ref: ObjectRef,
+              cached: _CachedOwner | None, now: float) -> Lookup:
+        """The referenced object is gone: keep what was known of it for its uid."""
+        known = cached if cached is not None and (
+            not ref.uid or not cached.uid or cached.uid == ref.uid) else None
+        entry = _CachedOwner(ref.uid, known.parent if known else None, now, gone=True)
+        self._remember(key, entry)
+        return self._answer(entry)
 
     def _pause(self, kind: str) -> None:
         """One failed lookup pauses that kind, so a relist of 110 pods during API trouble
         costs one failed request, not 110."""
         self._forbidden_until[kind] = self._clock() + self._settings.owner_error_retry_seconds
 
-    def _remember(self, key: tuple[str, str, str], owner: Owner | None) -> None:
-        self._cache[key] = owner
+    def _remember(self, key: tuple[str, str, str, str], entry: _CachedOwner) -> None:
+        self._cache[key] = entry
         self._cache.move_to_end(key)
         while len(self._cache) > self._settings.owner_cache_size:
             self._cache.popitem(last=False)
