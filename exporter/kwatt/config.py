@@ -55,10 +55,23 @@ class AttributionConfig:
     # Known idle power per component in watts; None means learn it.
     idle_watts_cpu: float | None = None
     idle_watts_dram: float | None = None
+    idle_watts_other: float | None = None
     # Window over which the lowest low-utilisation power is remembered as the baseline.
     idle_learn_window_seconds: float = 3600.0
     # Utilisation under which a sample may teach the idle baseline.
     idle_learn_max_utilisation: float = 0.10
+
+
+@dataclass(frozen=True)
+class PlatformConfig:
+    """Whole-node meters (kwatt.sources.hwmon) and the `other` component."""
+
+    # Find ACPI power_meter, NVIDIA Grace and amd_energy hwmon devices without configuration.
+    hwmon_auto_detect: bool = True
+    # Further hwmon channels, "<chip name>/powerN" or "<chip name>/energyN"; each must exist.
+    hwmon_sensors: tuple[str, ...] = ()
+    # Highest power a platform meter may honestly show; a step implying more is implausible.
+    ceiling_watts: float = 20000.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +102,7 @@ class Config:
     state_file: str = ""  # restart state; empty: off
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    platform: PlatformConfig = field(default_factory=PlatformConfig)
     once: bool = False
 
 
@@ -290,6 +304,8 @@ FILE_ONLY: dict[str, tuple[str, Callable[[str, object], Any]]] = {
         "attribution.idle_watts_cpu", lambda k, v: _float(k, v, minimum=0)),
     "attribution.idle_watts.dram": (
         "attribution.idle_watts_dram", lambda k, v: _float(k, v, minimum=0)),
+    "attribution.idle_watts.other": (
+        "attribution.idle_watts_other", lambda k, v: _float(k, v, minimum=0)),
     "attribution.idle_learn_window": (
         "attribution.idle_learn_window_seconds", _positive_duration),
     "attribution.idle_learn_max_utilisation": (
@@ -301,6 +317,10 @@ FILE_ONLY: dict[str, tuple[str, Callable[[str, object], Any]]] = {
         "model.cpu_watts_max_per_vcpu", lambda k, v: _float(k, v, minimum=0)),
     "model.dram_watts_per_gb": ("model.dram_watts_per_gb", lambda k, v: _float(k, v, minimum=0)),
     "model.estimate_dram": ("model.estimate_dram", _bool),
+    "platform.hwmon.auto_detect": ("platform.hwmon_auto_detect", _bool),
+    "platform.hwmon.sensors": ("platform.hwmon_sensors", _string_list),
+    "platform.ceiling_watts": (
+        "platform.ceiling_watts", lambda k, v: _float(k, v, minimum=1)),
 }
 
 
@@ -504,7 +524,7 @@ def load_config(argv: Sequence[str], env: Mapping[str, str] | None = None,
         values["node_name"] = environ["NODE_NAME"]
 
     top: dict[str, Any] = {}
-    nested: dict[str, dict[str, Any]] = {"attribution": {}, "model": {}}
+    nested: dict[str, dict[str, Any]] = {"attribution": {}, "model": {}, "platform": {}}
     for dest, value in values.items():
         group, _, name = dest.partition(".")
         if name:
@@ -529,5 +549,6 @@ def load_config(argv: Sequence[str], env: Mapping[str, str] | None = None,
                 + " (set it or env NODE_NAME from the downward API spec.nodeName)")
         top["node_name"] = hostname()
     clock_ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    return Config(attribution=attribution, model=model, once=bool(args.once),
+    return Config(attribution=attribution, model=model,
+                  platform=PlatformConfig(**nested["platform"]), once=bool(args.once),
                   clock_ticks_per_second=int(clock_ticks), **top)

@@ -26,7 +26,10 @@ from kwatt.gpu_stage import build_gpu_stage
 from kwatt.metrics import StaticInfo
 from kwatt.reload import LIVE_SETTINGS, changed_settings
 from kwatt.sampler import EnergyStage, PublishedCycle, Sampler
+from kwatt.sources.hwmon import build_hwmon_cpu_meter, build_hwmon_meters
+from kwatt.sources.meter import PlatformMeter
 from kwatt.sources.nvml import NvmlBackend
+from kwatt.stages.platform import PlatformStage
 from kwatt.state import StateFile
 from kwatt.statekeeper import StateKeeper
 from kwatt.web import (
@@ -93,10 +96,20 @@ class Exporter:
         else:
             log.info("host mode: workloads are systemd units and Docker/Podman containers, "
                      "named from their cgroups", extra={"kubernetes": config.kubernetes})
+        # Platform meters (hwmon here; out-of-band meters join this list) -> `other`.
+        self.meters: list[PlatformMeter] = list(build_hwmon_meters(config))
+        self.platform = PlatformStage(self.meters, config) if self.meters else None
+        hwmon_cpu, cpu_driver = build_hwmon_cpu_meter(config)
+        if self.meters:
+            log.info("platform meters: the node's `other` component is the meter minus cpu, "
+                     "dram and gpu", extra={"meters": ",".join(m.source for m in self.meters)})
+        if hwmon_cpu is not None:
+            log.info("CPU-socket hwmon meter found; used for cpu when RAPL is not readable",
+                     extra={"driver": cpu_driver})
         # In Kubernetes mode host services and Docker containers stay in the node's
         # system share.
         self.sampler = Sampler(config, self.namer, include_host_units=self.kube is None,
-                               stages=stages)
+                               stages=stages, platform=self.platform, hwmon_cpu=hwmon_cpu)
         self.state: StateKeeper | None = None
         if config.state_file and not config.once:
             self.state = StateKeeper(
@@ -201,6 +214,12 @@ class Exporter:
         if self.server is not None:
             self.server.shutdown(timeout=1.0)
         self.stop_watch()
+        self.close_meters()
+
+    def close_meters(self) -> None:
+        """Stop the meters' polling threads (slow meters); bounded by each meter."""
+        for meter in self.meters:
+            meter.close()
 
     def stop_watch(self) -> None:
         if self.kube is not None:

@@ -15,23 +15,21 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kwatt.attribution import (
-    ComponentEnergy,
     ComponentSplit,
     WorkloadActivity,
     attribute_component,
     exclusive_cpu_seconds,
 )
-from kwatt.baseline import IdleBaseline
 from kwatt.config import Config
 from kwatt.faults import Fault
 from kwatt.ledger import EnergyLedger, LedgerSnapshot, WorkloadLabels
 from kwatt.logs import RateLimitedLog
 from kwatt.sources import model as estimation
+from kwatt.sources.meter import PlatformMeter
 from kwatt.sources.procfs import NodeCpuTimes, read_memory_bytes, read_node_cpu
 from kwatt.sources.rapl import (
     RaplCounters,
     RaplZone,
-    component_energy_joules,
     discover_rapl_zones,
     read_rapl_zones,
 )
@@ -62,6 +60,25 @@ class StageResult:
     # What the stage's collector renders, published together with the ledger's snapshot
     # at the end of the cycle so that a scrape never mixes two cycles. None: nothing.
     snapshot: object | None = None
+    # Raw platform meter energy per (source, sensor) measured this cycle; detail only.
+    platform_energy: Mapping[tuple[str, str], float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CycleEnergy:
+    """What the stages before it booked this cycle, handed to a stage that depends on it
+    (the platform stage's `other` is a meter minus cpu, dram and gpu)."""
+
+    dt: float | None
+    utilisation: float | None
+    splits: Sequence[ComponentSplit[Hashable]]
+    activities: Sequence[WorkloadActivity[Hashable]]
+
+
+class CycleStage(Protocol):
+    """A stage run last in each cycle, given the cycle's other splits."""
+
+    def sample(self, now: float, cycle: CycleEnergy) -> StageResult: ...
 
 
 class EnergyStage(Protocol):
@@ -99,9 +116,15 @@ class Sampler:
     def __init__(self, config: Config, namer: WorkloadNamer,
                  clock: Callable[[], float] = time.monotonic,
                  include_host_units: bool = True,
-                 stages: Sequence[EnergyStage] = ()) -> None:
+                 stages: Sequence[EnergyStage] = (),
+                 platform: CycleStage | None = None,
+                 hwmon_cpu: PlatformMeter | None = None) -> None:
+        # Imported here: kwatt.stages imports StageResult from this module.
+        from kwatt.stages.cpu import CpuEnergy
+
         self._config = config
         self._stages = tuple(stages)
+        self._platform = platform
         self._namer = namer
         self._clock = clock
         self._include_host_units = include_host_units
@@ -114,12 +137,7 @@ class Sampler:
         self._previous_cpu: NodeCpuTimes | None = None
         self._previous_time: float | None = None
         self._previous_usage: dict[str, float] = {}
-        self._baselines = {
-            component: IdleBaseline(config.attribution.idle_learn_window_seconds,
-                                    config.attribution.idle_learn_max_utilisation)
-            for component in ("cpu", "dram")}
-        self._configured_idle = {"cpu": config.attribution.idle_watts_cpu,
-                                 "dram": config.attribution.idle_watts_dram}
+        self._cpu = CpuEnergy(config, hwmon_cpu)
         self._memory_bytes: int | None = None
         self._last_faults: set[tuple[str, str, str]] = set()
         # Called in this thread after each cycle has published its snapshot (restart state).
@@ -149,7 +167,11 @@ class Sampler:
         for fault in faults:
             self._report(fault)
         if readable:
+            self._cpu.drop_hwmon()
             log.info("reading RAPL energy counters", extra={"zones": ",".join(readable)})
+        elif self._cpu.uses_hwmon:
+            log.info("no readable RAPL: CPU energy from hwmon; node series carry "
+                     "source=hwmon")
         else:
             why = ("no RAPL zone is readable for this user" if by_design
                    else "no powercap intel-rapl zones" if not zones
@@ -228,31 +250,46 @@ class Sampler:
                 utilisation = busy / (busy + idle)
                 node_busy_seconds = busy / cfg.clock_ticks_per_second
 
+        hwmon_joules, hwmon_faults = self._cpu.read_hwmon()
+        faults.extend(hwmon_faults)
+
         activities, present = self._workload_activity(cgroups, first=dt is None)
         report_watts: dict[tuple[str, str], float] = {}
         workload_joules: dict[Hashable, float] = {}
+        cycle_splits: list[ComponentSplit[Hashable]] = []
         if dt is not None and dt > 0:
             for zone, joules in zone_deltas.items():
                 self.ledger.add_zone(zone.zone, zone.index, joules)
-            for energy in self._node_components(zone_deltas, cpu_times, utilisation, dt,
-                                                now):
+            for energy in self._cpu.components(self._zones, zone_deltas, hwmon_joules,
+                                               cpu_times, utilisation, self._memory_bytes,
+                                               dt, now):
                 if utilisation is None:
                     # Without node CPU time nothing can be split: book it, charge nobody.
                     self.ledger.add_node(energy.component, energy.source, energy.joules)
                     self.ledger.add_unattributed(energy.component, "system", energy.joules)
+                    cycle_splits.append(ComponentSplit(energy.component, energy.source,
+                                                       energy.joules, {}, 0.0, energy.joules))
                 else:
                     split = attribute_component(energy, utilisation, node_busy_seconds,
                                                 activities, cfg.attribution.idle_policy)
                     self.ledger.add_split(split)
+                    cycle_splits.append(split)
                     for key, joules in split.to_workloads.items():
                         workload_joules[key] = workload_joules.get(key, 0.0) + joules
                 report_watts[(energy.component, energy.source)] = energy.joules / dt
         identities = {k: v for k, v in present.items() if isinstance(k, CgroupIdentity)}
         stage_snapshots: list[object | None] = []
-        for stage in self._stages:
-            result = stage.sample(now, identities)
+        results = [stage.sample(now, identities) for stage in self._stages]
+        for result in results:
             stage_snapshots.append(result.snapshot)
+            cycle_splits.extend(result.splits)
+        if self._platform is not None:
+            results.append(self._platform.sample(now, CycleEnergy(
+                dt, utilisation, tuple(cycle_splits), tuple(activities))))
+        for result in results:
             faults.extend(result.faults)
+            for (source, sensor), joules in result.platform_energy.items():
+                self.ledger.add_platform(source, sensor, joules)
             for source, up in result.source_up.items():
                 self.ledger.set_source_up(source, up)
             for split in result.splits:
@@ -281,6 +318,9 @@ class Sampler:
             self._previous_cpu = cpu_times
         estimating = any(source == estimation.SOURCE for _, source in report_watts)
         self._publish_health(faults, rapl_reading is not None, estimating)
+        if self._cpu.uses_hwmon:
+            self.ledger.set_source_up("hwmon", not hwmon_faults and all(
+                r.source_up.get("hwmon", True) for r in results))
         self.ledger.observe_cycle(time.perf_counter() - started, now)
         self._publish(stage_snapshots)
         if self.on_cycle is not None:
@@ -330,29 +370,6 @@ class Sampler:
             activities.append(WorkloadActivity(identity, seconds, request))
             present[identity] = name
         return activities, present
-
-    def _node_components(self, zone_deltas: dict[RaplZone, float],
-                         cpu_times: NodeCpuTimes | None, utilisation: float | None,
-                         dt: float, now: float) -> list[ComponentEnergy]:
-        measured = component_energy_joules(self._zones, zone_deltas)
-        out: list[ComponentEnergy] = []
-        for component, joules in measured.items():
-            watts = joules / dt
-            baseline = self._configured_idle.get(component)
-            if baseline is None:
-                baseline = self._baselines[component].watts()
-                if utilisation is not None:
-                    self._baselines[component].observe(now, watts, utilisation)
-            out.append(ComponentEnergy(component, "rapl", joules,
-                                       None if baseline is None else baseline * dt))
-        missing = [c for c in ("cpu", "dram") if c not in measured]
-        if missing and cpu_times is not None and utilisation is not None:
-            for estimate in estimation.estimate_node_power(
-                    cpu_times.vcpus, utilisation, self._memory_bytes, self._config.model):
-                if estimate.component in missing:
-                    out.append(ComponentEnergy(estimate.component, estimation.SOURCE,
-                                               estimate.watts * dt, estimate.idle_watts * dt))
-        return out
 
     def _publish_health(self, faults: list[Fault], rapl_in_use: bool,
                         estimating: bool) -> None:
@@ -425,7 +442,7 @@ class Sampler:
     def _cursors(self) -> tuple[object, ...]:
         """Where the sampler's own readings stand before a cycle."""
         return (self._previous_time, self._previous_cpu, self._previous_usage,
-                copy.deepcopy(self._rapl_counters))
+                copy.deepcopy(self._rapl_counters), copy.deepcopy(self._cpu.integrator))
 
     def _undo_cycle(self, cursors: tuple[object, ...]) -> None:
         """A cycle failed half-way: undo what it booked and where its readings stand, so
@@ -434,7 +451,7 @@ class Sampler:
         so the failure is counted on /metrics although the cycle did not complete."""
         self.ledger.rollback()
         (self._previous_time, self._previous_cpu, self._previous_usage,
-         self._rapl_counters) = cursors  # type: ignore[assignment]
+         self._rapl_counters, self._cpu.integrator) = cursors  # type: ignore[assignment]
         self.ledger.count_error("sampler", "api")
         self._publish()
 

@@ -1,0 +1,243 @@
+"""Platform meters and the `other` component: hand-computed joules on simulated nodes."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import FakeClock, node_config
+from hwmon_sim import install_hwmon, set_hwmon
+from kwatt.config import ConfigError
+from kwatt.ledger import LedgerSnapshot
+from kwatt.sampler import Sampler
+from kwatt.sources.hwmon import build_hwmon_cpu_meter, build_hwmon_meters, discover_hwmon
+from kwatt.stages.platform import PlatformStage
+from kwatt.workloads.naming import HostNamer
+from simnode import SimContainer, SimulatedNode, container_id, pod_uid
+
+
+def _node(snap: LedgerSnapshot) -> dict[tuple[str, str], float]:
+    return {(c, s): j for c, s, j in snap.node_energy}
+
+
+def _containers(snap: LedgerSnapshot) -> dict[str, dict[str, float]]:
+    return {r.labels.container: dict(r.energy) for r in snap.containers}
+
+
+def _unattributed(snap: LedgerSnapshot) -> dict[tuple[str, str], float]:
+    return {(c, r): j for c, r, j in snap.unattributed}
+
+
+def _errors(snap: LedgerSnapshot) -> dict[tuple[str, str], int]:
+    return {(s, r): n for s, r, n in snap.source_errors}
+
+
+IDLE = ("--config",)
+
+
+def _sampler(node: SimulatedNode, clock: FakeClock, tmp_config: str | None = None
+             ) -> tuple[Sampler, PlatformStage]:
+    config = node_config(node, *((IDLE[0], tmp_config) if tmp_config else ()))
+    stage = PlatformStage(build_hwmon_meters(config, clock), config)
+    hwmon_cpu, _ = build_hwmon_cpu_meter(config, clock)
+    return Sampler(config, HostNamer(), clock=clock, platform=stage,
+                   hwmon_cpu=hwmon_cpu), stage
+
+
+def _two_containers(node: SimulatedNode) -> tuple[SimContainer, SimContainer]:
+    pod = node.add_pod(pod_uid("p"), "burstable", "containerd")
+    return (node.add_container(pod, container_id("a")),
+            node.add_container(pod, container_id("b")))
+
+
+@pytest.fixture
+def idle_config(tmp_path) -> str:  # type: ignore[no-untyped-def]
+    path = tmp_path / "kwatt.yaml"
+    path.write_text("attribution:\n  idle_watts:\n    cpu: 60\n    dram: 10\n    other: 100\n")
+    return str(path)
+
+
+def test_meter_400w_rapl_180w_other_220w_split_3_to_1(sim, clock: FakeClock,
+                                                      idle_config: str) -> None:
+    """The issue's scenario: meter 400 W, RAPL cpu 150 W + dram 30 W, no GPU -> other 220 W.
+
+    10 s at 40 % utilisation (4 vCPUs: a 12 s, b 4 s, 24 s idle); configured idle power
+    cpu 60 W, dram 10 W, other 100 W.
+    cpu 1500 J: idle 600, active 900 -> a 675, b 225 (12:4).
+    dram 300 J: idle 100, active 200 -> a 150, b 50.
+    other 4000 - 1800 = 2200 J: idle 1000, active 1200 split by the cpu+dram energy charged
+    (a 825 J, b 275 J: 3:1) -> a 900, b 300.
+    """
+    node: SimulatedNode = sim()
+    node.add_rapl_zone("0", "package-0")
+    node.add_rapl_zone("0:1", "dram")
+    install_hwmon(node, "acpi-power-meter")
+    a, b = _two_containers(node)
+    sampler, _ = _sampler(node, clock, idle_config)
+    sampler.sample()
+    node.add_cpu(a.path, 12)
+    node.add_cpu(b.path, 4)
+    node.add_node_cpu(busy_seconds=0, idle_seconds=24)
+    node.add_energy("0", 1500.0)
+    node.add_energy("0:1", 300.0)
+    clock.advance(10)
+    report = sampler.sample()
+    snap = sampler.snapshot()
+
+    assert _node(snap) == pytest.approx({("cpu", "rapl"): 1500.0, ("dram", "rapl"): 300.0,
+                                         ("other", "hwmon"): 2200.0})
+    got = _containers(snap)
+    assert got[a.container_id[:12]] == pytest.approx({"cpu": 675, "dram": 150, "other": 900})
+    assert got[b.container_id[:12]] == pytest.approx({"cpu": 225, "dram": 50, "other": 300})
+    unattributed = _unattributed(snap)
+    assert unattributed[("other", "idle")] == pytest.approx(1000.0)
+    assert unattributed[("other", "system")] == pytest.approx(0.0, abs=1e-9)
+    assert report.node_watts == pytest.approx({("cpu", "rapl"): 150.0, ("dram", "rapl"): 30.0,
+                                               ("other", "hwmon"): 220.0})
+    assert sum(report.node_watts.values()) == pytest.approx(400.0)
+    platform = {(s, n): j for s, n, j in snap.platform_energy}
+    assert platform == pytest.approx({("hwmon", "power_meter/hwmon1"): 4000.0})
+    assert dict(snap.source_up)["hwmon"] is True
+
+
+def test_lagging_meter_books_zero_and_counts_negative_remainder(sim, clock: FakeClock) -> None:
+    """The meter still shows last interval's 100 W while RAPL already reads 300 W: the
+    remainder 1000 - 3000 J is negative; other books 0 and the fault is counted. When the
+    meter catches up (400 W, trapezoid (100+400)/2 over 10 s = 2500 J against 1800 J) the
+    remainder is positive again."""
+    node: SimulatedNode = sim()
+    node.add_rapl_zone("0", "package-0")
+    install_hwmon(node, "acpi-power-meter")
+    set_hwmon(node, "hwmon1/device/power1_average", 100_000_000)
+    a, _ = _two_containers(node)
+    sampler, stage = _sampler(node, clock)
+    sampler.sample()
+    node.add_cpu(a.path, 10)
+    node.add_node_cpu(idle_seconds=30)
+    node.add_energy("0", 3000.0)
+    clock.advance(10)
+    sampler.sample()
+    snap = sampler.snapshot()
+    assert _node(snap)[("other", "hwmon")] == 0.0
+    assert _errors(snap)[("hwmon", "negative_remainder")] == 1
+    assert stage.negative_remainders == 1
+
+    set_hwmon(node, "hwmon1/device/power1_average", 400_000_000)
+    node.add_cpu(a.path, 10)
+    node.add_node_cpu(idle_seconds=30)
+    node.add_energy("0", 1800.0)
+    clock.advance(10)
+    sampler.sample()
+    snap = sampler.snapshot()
+    assert _node(snap)[("other", "hwmon")] == pytest.approx(700.0)
+    assert _errors(snap)[("hwmon", "negative_remainder")] == 1
+
+
+def test_without_a_meter_nothing_changes(sim, clock: FakeClock) -> None:
+    node: SimulatedNode = sim()
+    node.add_rapl_zone("0", "package-0")
+    config = node_config(node)
+    assert build_hwmon_meters(config) == []
+    sampler = Sampler(config, HostNamer(), clock=clock)
+    sampler.sample()
+    node.add_node_cpu(busy_seconds=1, idle_seconds=1)
+    node.add_energy("0", 10.0)
+    clock.advance(1)
+    sampler.sample()
+    snap = sampler.snapshot()
+    assert set(_node(snap)) == {("cpu", "rapl")}
+    assert snap.platform_energy == ()
+    assert "hwmon" not in dict(snap.source_up)
+
+
+def test_grace_hopper_cpu_from_hwmon_and_module_as_platform(sim, clock: FakeClock) -> None:
+    """GH200 without RAPL: cpu = Grace Power Socket 0 (150 W, source hwmon); the module
+    (900 W) is the platform meter; other = 900 - 150 = 750 W (no GPU stage here)."""
+    node: SimulatedNode = sim()
+    install_hwmon(node, "grace-hopper")
+    inventory = discover_hwmon(str(node.sysfs))
+    assert [c.sensor for c in inventory.platform] == ["module_power_socket_0"]
+    assert [c.sensor for c in inventory.cpu] == ["grace_power_socket_0"]
+    a, _ = _two_containers(node)
+    sampler, _ = _sampler(node, clock)
+    sampler.sample()
+    node.add_cpu(a.path, 4)
+    node.add_node_cpu(idle_seconds=4)
+    clock.advance(2)
+    report = sampler.sample()
+    snap = sampler.snapshot()
+    assert _node(snap) == pytest.approx({("cpu", "hwmon"): 300.0, ("other", "hwmon"): 1500.0})
+    assert report.node_watts == pytest.approx({("cpu", "hwmon"): 150.0,
+                                               ("other", "hwmon"): 750.0})
+    assert "model" not in dict(snap.source_up)
+
+
+def test_amd_energy_socket_counter_is_cpu_and_a_reset_is_counted(sim, clock: FakeClock
+                                                                 ) -> None:
+    node: SimulatedNode = sim()
+    install_hwmon(node, "amd-energy")
+    a, _ = _two_containers(node)
+    sampler, _ = _sampler(node, clock)
+    sampler.sample()
+    node.add_cpu(a.path, 2)
+    node.add_node_cpu(idle_seconds=2)
+    set_hwmon(node, "hwmon2/energy5_input", 5_000_000_000 + 1_200_000_000)  # +1200 J
+    set_hwmon(node, "hwmon2/energy1_input", 9_000_000)  # a core: inside the socket, ignored
+    clock.advance(10)
+    sampler.sample()
+    snap = sampler.snapshot()
+    assert _node(snap) == pytest.approx({("cpu", "hwmon"): 1200.0})
+
+    set_hwmon(node, "hwmon2/energy5_input", 1_000_000)  # driver reloaded: counter restarted
+    node.add_node_cpu(idle_seconds=4)
+    clock.advance(10)
+    sampler.sample()
+    snap = sampler.snapshot()
+    assert _node(snap) == pytest.approx({("cpu", "hwmon"): 1200.0})
+    assert _errors(snap)[("hwmon", "implausible")] == 1
+
+    set_hwmon(node, "hwmon2/energy5_input", 501_000_000)  # +500 J from the new baseline
+    node.add_node_cpu(idle_seconds=4)
+    clock.advance(10)
+    sampler.sample()
+    assert _node(sampler.snapshot()) == pytest.approx({("cpu", "hwmon"): 1700.0})
+
+
+def test_configured_energy_sensor_resets_without_booking(sim, clock: FakeClock,
+                                                         tmp_path) -> None:  # type: ignore[no-untyped-def]
+    node: SimulatedNode = sim()
+    node.add_rapl_zone("0", "package-0")
+    install_hwmon(node, "psu-energy")
+    path = tmp_path / "c.yaml"
+    path.write_text("platform:\n  hwmon:\n    sensors: [psu_meter/energy1]\n")
+    sampler, _ = _sampler(node, clock, str(path))
+    sampler.sample()
+    node.add_node_cpu(idle_seconds=4)
+    node.add_energy("0", 100.0)
+    set_hwmon(node, "hwmon3/energy1_input", 10_000_000_000 + 300_000_000)
+    clock.advance(1)
+    sampler.sample()
+    assert _node(sampler.snapshot())[("other", "hwmon")] == pytest.approx(200.0)
+    set_hwmon(node, "hwmon3/energy1_input", 5)  # reset
+    node.add_node_cpu(idle_seconds=4)
+    node.add_energy("0", 100.0)
+    clock.advance(1)
+    sampler.sample()
+    snap = sampler.snapshot()
+    assert _node(snap)[("other", "hwmon")] == pytest.approx(200.0)
+    assert _errors(snap)[("hwmon", "implausible")] == 1
+
+
+def test_configured_sensor_missing_is_a_config_error(sim, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    node: SimulatedNode = sim()
+    install_hwmon(node, "acpi-power-meter")
+    path = tmp_path / "c.yaml"
+    path.write_text("platform:\n  hwmon:\n    sensors: [ipmi_si/power1]\n")
+    config = node_config(node, "--config", str(path))
+    with pytest.raises(ConfigError, match=r"^platform.hwmon.sensors: 'ipmi_si/power1' not "):
+        build_hwmon_meters(config)
+
+
+def test_auto_detected_meter_missing_is_just_absent(sim) -> None:
+    node: SimulatedNode = sim()
+    install_hwmon(node, "acpi-power-meter")
+    (node.sysfs / "class" / "hwmon" / "hwmon1" / "device" / "power1_average").unlink()
+    assert build_hwmon_meters(node_config(node)) == []
