@@ -86,6 +86,12 @@ class Exporter:
         self._cert_watcher: CertWatcher | None = None
         self._secure: SecureApp | None = None
         self.namer: WorkloadNamer = HostNamer(config.docker_root)
+        # Platform meters (hwmon here; out-of-band meters join this list) -> `other`.
+        # First, so that a configured sensor that is missing stops the start before
+        # anything else is built or logged.
+        self.meters: list[PlatformMeter] = list(build_hwmon_meters(config))
+        self.platform = PlatformStage(self.meters, config) if self.meters else None
+        hwmon_cpu, cpu_driver = build_hwmon_cpu_meter(config)
         gpu = build_gpu_stage(config, gpu_backend_factory)
         stages: list[EnergyStage] = [gpu[0]] if gpu else []
         self.kube: KubernetesParts | None = None
@@ -96,10 +102,6 @@ class Exporter:
         else:
             log.info("host mode: workloads are systemd units and Docker/Podman containers, "
                      "named from their cgroups", extra={"kubernetes": config.kubernetes})
-        # Platform meters (hwmon here; out-of-band meters join this list) -> `other`.
-        self.meters: list[PlatformMeter] = list(build_hwmon_meters(config))
-        self.platform = PlatformStage(self.meters, config) if self.meters else None
-        hwmon_cpu, cpu_driver = build_hwmon_cpu_meter(config)
         if self.meters:
             log.info("platform meters: the node's `other` component is the meter minus cpu, "
                      "dram and gpu", extra={"meters": ",".join(m.source for m in self.meters)})
