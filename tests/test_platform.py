@@ -99,10 +99,15 @@ def test_meter_400w_rapl_180w_other_220w_split_3_to_1(sim, clock: FakeClock,
 
 
 def test_lagging_meter_books_zero_and_counts_negative_remainder(sim, clock: FakeClock) -> None:
-    """The meter still shows last interval's 100 W while RAPL already reads 300 W: the
-    remainder 1000 - 3000 J is negative; other books 0 and the fault is counted. When the
-    meter catches up (400 W, trapezoid (100+400)/2 over 10 s = 2500 J against 1800 J) the
-    remainder is positive again."""
+    """The meter still shows last interval's 100 W while RAPL already reads 300 W.
+
+    Interval 1: meter 100 W x 10 s = 1000 J, RAPL 3000 J: the remainder is -2000 J; other
+    books 0, negative_remainder is counted and 2000 J are owed.
+    Interval 2: the meter catches up to 400 W: trapezoid (100 + 400) / 2 x 10 s = 2500 J,
+    RAPL 300 J: remainder 2200 J, minus the 2000 J owed = 200 J.
+    Interval 3: 4000 J against 1800 J: 2200 J.
+    In all, other = 2400 J = meter 7500 J - RAPL 5100 J: clamping added nothing.
+    """
     node: SimulatedNode = sim()
     node.add_rapl_zone("0", "package-0")
     install_hwmon(node, "acpi-power-meter")
@@ -110,25 +115,28 @@ def test_lagging_meter_books_zero_and_counts_negative_remainder(sim, clock: Fake
     a, _ = _two_containers(node)
     sampler, stage = _sampler(node, clock)
     sampler.sample()
-    node.add_cpu(a.path, 10)
-    node.add_node_cpu(idle_seconds=30)
-    node.add_energy("0", 3000.0)
-    clock.advance(10)
-    sampler.sample()
-    snap = sampler.snapshot()
+
+    def interval(rapl_joules: float, meter_watts: int | None = None) -> LedgerSnapshot:
+        if meter_watts is not None:
+            set_hwmon(node, "hwmon1/device/power1_average", meter_watts * 1_000_000)
+        node.add_cpu(a.path, 10)
+        node.add_node_cpu(idle_seconds=30)
+        node.add_energy("0", rapl_joules)
+        clock.advance(10)
+        sampler.sample()
+        return sampler.snapshot()
+
+    snap = interval(3000.0)
     assert _node(snap)[("other", "hwmon")] == 0.0
     assert _errors(snap)[("hwmon", "negative_remainder")] == 1
     assert stage.negative_remainders == 1
-
-    set_hwmon(node, "hwmon1/device/power1_average", 400_000_000)
-    node.add_cpu(a.path, 10)
-    node.add_node_cpu(idle_seconds=30)
-    node.add_energy("0", 1800.0)
-    clock.advance(10)
-    sampler.sample()
-    snap = sampler.snapshot()
-    assert _node(snap)[("other", "hwmon")] == pytest.approx(700.0)
+    snap = interval(300.0, 400)
+    assert _node(snap)[("other", "hwmon")] == pytest.approx(200.0)
+    snap = interval(1800.0)
+    assert _node(snap)[("other", "hwmon")] == pytest.approx(2400.0)
     assert _errors(snap)[("hwmon", "negative_remainder")] == 1
+    platform = {(s, n): j for s, n, j in snap.platform_energy}
+    assert platform[("hwmon", "power_meter/hwmon1")] == pytest.approx(7500.0)
 
 
 def test_without_a_meter_nothing_changes(sim, clock: FakeClock) -> None:

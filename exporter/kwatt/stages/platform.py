@@ -11,7 +11,9 @@ thread), so this stage costs microseconds.
   a meter that refreshes less often than the sampler (a BMC) books `other` when it
   refreshes, against the components of the cycles since its last refresh.
 - A negative remainder (the meter lags or averages over a longer window) books 0 and is
-  counted as ``negative_remainder``.
+  counted as ``negative_remainder``; the shortfall is taken from the following intervals'
+  `other` (until the meter is re-baselined), so over time `other` adds up to the meter
+  minus the components instead of gaining what clamping cut off.
 - Attribution (kwatt.attribution.attribute_other): the idle part is a learned baseline
   (only at low utilisation) or ``attribution.idle_watts.other``; the active part follows
   each workload's share of the cpu+dram+gpu energy charged in the same cycles.
@@ -60,6 +62,10 @@ class PlatformStage:
         self._baseline = IdleBaseline(attribution.idle_learn_window_seconds,
                                       attribution.idle_learn_max_utilisation)
         self._pending = _Pending()
+        # Joules by which the meter read less than the components in earlier intervals,
+        # taken from the next positive remainders, so that over time `other` adds up to
+        # the meter minus the components and clamping adds no energy of its own.
+        self._deficit = 0.0
         self._last_watts: dict[tuple[str, str], float] = {}
         self.remainders = 0  # intervals booked, for the simulations' figures
         self.negative_remainders = 0
@@ -96,6 +102,7 @@ class PlatformStage:
 
         if primary is None:
             self._pending = _Pending()
+            self._deficit = 0.0
         elif cycle.dt is not None and cycle.dt > 0:
             pending = self._pending
             pending.splits.extend(cycle.splits)
@@ -128,15 +135,17 @@ class PlatformStage:
         platform = sum(e.joules for e in energies)
         span = max(e.end for e in energies) - min(e.start for e in energies)
         inside = sum(s.joules for s in pending.splits)
-        other, shortfall = platform_remainder(platform, inside)
+        other, shortfall = platform_remainder(platform, inside + self._deficit)
+        self._deficit = shortfall
         self.remainders += 1
         fault = None
-        if shortfall > 0:
+        if platform < inside:
             self.negative_remainders += 1
             fault = Fault(source, "negative_remainder", COMPONENT,
                           f"meter read {platform:.1f} J over {span:.3g} s, "
-                          f"{shortfall:.1f} J less than cpu+dram+gpu ({inside:.1f} J); "
-                          "other is 0 for this interval")
+                          f"{inside - platform:.1f} J less than cpu+dram+gpu "
+                          f"({inside:.1f} J); other is 0 for this interval and the "
+                          "difference is taken from the next intervals' other")
         seconds = span if span > 0 else pending.seconds
         watts = other / seconds
         utilisation = (pending.busy_seconds / pending.seconds
