@@ -199,14 +199,18 @@ def test_amd_energy_socket_counter_is_cpu_and_a_reset_is_counted(sim, clock: Fak
     clock.advance(10)
     sampler.sample()
     snap = sampler.snapshot()
-    assert _node(snap) == pytest.approx({("cpu", "hwmon"): 1200.0})
+    # Nothing booked from the counter for the reset interval: the model stands in, as
+    # after an implausible RAPL step (4 vCPUs idle: 4 x 0.74 W x 10 s).
+    assert _node(snap) == pytest.approx({("cpu", "hwmon"): 1200.0,
+                                         ("cpu", "estimated"): 29.6})
     assert _errors(snap)[("hwmon", "implausible")] == 1
 
     set_hwmon(node, "hwmon2/energy5_input", 501_000_000)  # +500 J from the new baseline
     node.add_node_cpu(idle_seconds=4)
     clock.advance(10)
     sampler.sample()
-    assert _node(sampler.snapshot()) == pytest.approx({("cpu", "hwmon"): 1700.0})
+    assert _node(sampler.snapshot()) == pytest.approx({("cpu", "hwmon"): 1700.0,
+                                                       ("cpu", "estimated"): 29.6})
 
 
 def test_configured_energy_sensor_resets_without_booking(sim, clock: FakeClock,
@@ -249,3 +253,26 @@ def test_auto_detected_meter_missing_is_just_absent(sim) -> None:
     install_hwmon(node, "acpi-power-meter")
     (node.sysfs / "class" / "hwmon" / "hwmon1" / "device" / "power1_average").unlink()
     assert build_hwmon_meters(node_config(node)) == []
+
+
+def test_grace_cpu_meter_failing_falls_back_to_the_model_like_rapl(sim, clock: FakeClock
+                                                                  ) -> None:
+    node: SimulatedNode = sim()
+    install_hwmon(node, "grace-hopper")
+    sampler, _ = _sampler(node, clock)
+    sampler.sample()
+    node.add_node_cpu(busy_seconds=2, idle_seconds=2)
+    clock.advance(1)
+    sampler.sample()
+    assert _node(sampler.snapshot())[("cpu", "hwmon")] == pytest.approx(150.0)
+
+    (node.sysfs / "class" / "hwmon" / "hwmon1" / "device" / "power1_average").write_text("x\n")
+    node.add_node_cpu(busy_seconds=2, idle_seconds=2)
+    clock.advance(1)
+    sampler.sample()
+    snap = sampler.snapshot()
+    # 4 vCPUs at 50 %: 4 x (0.74 + (3.5 - 0.74) x 0.5) = 8.48 W for 1 s, from the model.
+    assert _node(snap)[("cpu", "estimated")] == pytest.approx(8.48)
+    assert _node(snap)[("cpu", "hwmon")] == pytest.approx(150.0)
+    assert dict(snap.source_up)["hwmon"] is False
+    assert _errors(snap)[("hwmon", "parse")] == 1

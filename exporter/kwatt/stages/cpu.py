@@ -5,7 +5,8 @@ them) and hands them here; this stage owns the energy side: RAPL discovery, its 
 (wrap-aware, through kwatt.counters), the CPU-socket hwmon meter where there is no RAPL,
 the estimation model where there is neither, the idle baselines, and the split of each
 component by cgroup CPU time (kwatt.attribution). Where RAPL has no ``cpu`` the hwmon
-meter supplies it with ``source="hwmon"``.
+meter supplies it with ``source="hwmon"``; an interval it cannot measure (a failed read,
+the first interval after one) falls back to the model, as for RAPL.
 
 RAPL is read in ``read`` right after ``/proc/stat``, before the cgroup scan, so the energy
 and CPU-time windows line up; the split follows in ``split`` once CPU time is known.
@@ -186,8 +187,6 @@ class CpuStage:
             out.append(ComponentEnergy(component, source, joules,
                                        None if baseline is None else baseline * dt))
         missing = [c for c in ("cpu", "dram") if c not in measured]
-        if "cpu" in missing and self._hwmon is not None:
-            missing.remove("cpu")  # the hwmon meter has no reading yet: nothing to guess
         if missing and cpu_times is not None and utilisation is not None:
             for estimate in estimation.estimate_node_power(
                     cpu_times.vcpus, utilisation, memory_bytes, self._config.model):
