@@ -276,3 +276,22 @@ def test_grace_cpu_meter_failing_falls_back_to_the_model_like_rapl(sim, clock: F
     assert _node(snap)[("cpu", "hwmon")] == pytest.approx(150.0)
     assert dict(snap.source_up)["hwmon"] is False
     assert _errors(snap)[("hwmon", "parse")] == 1
+
+
+def test_a_failed_meter_leaves_no_stale_other_power(sim, clock: FakeClock) -> None:
+    node: SimulatedNode = sim()
+    node.add_rapl_zone("0", "package-0")
+    install_hwmon(node, "acpi-power-meter")
+    sampler, _ = _sampler(node, clock)
+    sampler.sample()
+    node.add_node_cpu(idle_seconds=4)
+    node.add_energy("0", 100.0)
+    clock.advance(1)
+    assert sampler.sample().node_watts[("other", "hwmon")] == pytest.approx(300.0)
+    (node.sysfs / "class" / "hwmon" / "hwmon1" / "device" / "power1_average").unlink()
+    node.add_node_cpu(idle_seconds=4)
+    node.add_energy("0", 100.0)
+    clock.advance(1)
+    report = sampler.sample()
+    assert ("other", "hwmon") not in report.node_watts
+    assert dict(sampler.snapshot().source_up)["hwmon"] is False

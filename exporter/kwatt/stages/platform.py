@@ -122,6 +122,8 @@ class PlatformStage:
                 faults.append(fault)
             if split is not None:
                 splits.append(split)
+        if not any(self._integrator.has_baseline(m.source) for m in self._meters):
+            self._last_watts = {}  # every meter failed: no stale gauge
         # Between refreshes of a slow meter the node's power gauge keeps its last value.
         watts = dict(self._last_watts)
         return StageResult(splits=splits, faults=faults, source_up=source_up, watts=watts,
