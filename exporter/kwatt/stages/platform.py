@@ -148,8 +148,11 @@ class PlatformStage:
                           f"{inside - platform:.1f} J less than cpu+dram+gpu "
                           f"({inside:.1f} J); other is 0 for this interval and the "
                           "difference is taken from the next intervals' other")
-        seconds = span if span > 0 else pending.seconds
-        watts = other / seconds
+        watts = other / pending.seconds
+        # The gauge: the meter's average power minus the components' over their cycles, so
+        # that kwatt_node_power_watts adds up to the meter exactly (while it reads more).
+        gauge = (max(platform / span - inside / pending.seconds, 0.0) if span > 0
+                 else watts)
         utilisation = (pending.busy_seconds / pending.seconds
                        if pending.utilisation_known else None)
         configured = self._config.attribution.idle_watts_other
@@ -158,7 +161,7 @@ class PlatformStage:
             self._baseline.observe(now, watts, utilisation)
         energy = ComponentEnergy(COMPONENT, source, other,
                                  None if baseline is None else baseline * pending.seconds)
-        self._last_watts = {(COMPONENT, source): watts}
+        self._last_watts = {(COMPONENT, source): gauge}
         if utilisation is None:
             # Without node CPU time nothing can be split: book it, charge nobody.
             return ComponentSplit(COMPONENT, source, other, {}, 0.0, other), fault
