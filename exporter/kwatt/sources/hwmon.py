@@ -39,7 +39,9 @@ from kwatt.sources.meter import MeterSample
 from kwatt.text import clean_text, decode_bytes
 
 SOURCE = "hwmon"
-_GRACE_LABEL = re.compile(r"^(Module|Grace|CPU|SysIO) Power Socket (\d+)$")
+# Any "<part> Power Socket N" is a Grace-family sensor; parts kwatt does not know (e.g. a
+# "GPU Power Socket N") are inside the module and never read as a whole-node meter.
+_GRACE_LABEL = re.compile(r"^(\w+) Power Socket (\d+)$")
 _CHANNEL = re.compile(r"^(power|energy)(\d+)$")
 _AMD_SOCKET_LABEL = re.compile(r"^Esocket(\d+)$")
 
@@ -129,7 +131,8 @@ def discover_hwmon(sysfs: str, auto_detect: bool = True,
                 grace_socket[socket] = HwmonChannel(sensor, path, "power")
             elif part == "CPU":
                 grace_cpu_rail[socket] = HwmonChannel(sensor, path, "power")
-            # SysIO is inside "Grace Power Socket": never added twice.
+            # SysIO is inside "Grace Power Socket", other parts inside the module: never
+            # added twice.
         elif name == "amd_energy":
             for channel in _numbered(directory, "energy"):
                 label = _read_text(os.path.join(directory, f"{channel}_label")) or ""
