@@ -6,9 +6,11 @@ import pytest
 from conftest import FakeClock, node_config
 from hwmon_sim import install_hwmon, set_hwmon
 from kwatt.config import ConfigError
+from kwatt.faults import Fault
 from kwatt.ledger import LedgerSnapshot
 from kwatt.sampler import Sampler
 from kwatt.sources.hwmon import build_hwmon_cpu_meter, build_hwmon_meters, discover_hwmon
+from kwatt.sources.meter import MeterSample
 from kwatt.stages.platform import PlatformStage
 from kwatt.workloads.naming import HostNamer
 from simnode import SimContainer, SimulatedNode, container_id, pod_uid
@@ -295,3 +297,52 @@ def test_a_failed_meter_leaves_no_stale_other_power(sim, clock: FakeClock) -> No
     report = sampler.sample()
     assert ("other", "hwmon") not in report.node_watts
     assert dict(sampler.snapshot().source_up)["hwmon"] is False
+
+
+class SteppedMeter:
+    """A slow meter (a BMC polled on its own thread): ``latest`` returns whatever sample
+    the test last published, the same one again until the next publish."""
+
+    source = "bmc"
+
+    def __init__(self) -> None:
+        self.samples: list[MeterSample] = []
+        self._generation = 0
+
+    def publish(self, read_at: float, watts: float) -> None:
+        self._generation += 1
+        self.samples = [MeterSample(self.source, "chassis", read_at, watts, None,
+                                    self._generation)]
+
+    def latest(self) -> tuple[list[MeterSample], list[Fault]]:
+        return list(self.samples), []
+
+    def close(self) -> None:
+        return None
+
+
+def test_a_slow_meter_books_other_when_it_refreshes(sim, clock: FakeClock) -> None:
+    """The meter refreshes every 3 s, the sampler runs every 1 s. Readings of 400 W at
+    t=1000 and t=1003: (400 + 400) / 2 x 3 s = 1200 J, against RAPL's 3 x 100 J in the
+    three cycles since: other = 900 J, booked in the cycle that sees the refresh; the
+    gauge shows 400 - 100 = 300 W from then until the next refresh."""
+    node: SimulatedNode = sim()
+    node.add_rapl_zone("0", "package-0")
+    meter = SteppedMeter()
+    config = node_config(node)
+    sampler = Sampler(config, HostNamer(), clock=clock,
+                      platform=PlatformStage([meter], config))
+    meter.publish(clock.now, 400.0)
+    sampler.sample()
+    others = []
+    for second in range(1, 7):
+        node.add_node_cpu(idle_seconds=4)
+        node.add_energy("0", 100.0)
+        clock.advance(1)
+        if second % 3 == 0:
+            meter.publish(clock.now, 400.0)
+        report = sampler.sample()
+        others.append((_node(sampler.snapshot()).get(("other", "bmc"), 0.0),
+                       report.node_watts.get(("other", "bmc"))))
+    assert others == [(0.0, None), (0.0, None), (900.0, 300.0),
+                      (900.0, 300.0), (900.0, 300.0), (1800.0, 300.0)]
