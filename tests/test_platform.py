@@ -346,3 +346,37 @@ def test_a_slow_meter_books_other_when_it_refreshes(sim, clock: FakeClock) -> No
                        report.node_watts.get(("other", "bmc"))))
     assert others == [(0.0, None), (0.0, None), (900.0, 300.0),
                       (900.0, 300.0), (900.0, 300.0), (1800.0, 300.0)]
+
+
+class CoarseCounterMeter(SteppedMeter):
+    """A BMC whose energy register moves in 1 kWh steps (3.6 MJ)."""
+
+    def publish_energy(self, read_at: float, joules: float) -> None:
+        self._generation += 1
+        self.samples = [MeterSample(self.source, "chassis", read_at, None, joules,
+                                    self._generation)]
+
+
+def test_a_coarse_energy_counter_is_judged_over_the_time_its_step_took(sim, clock: FakeClock
+                                                                       ) -> None:
+    """The register reads 0 kWh for 20 minutes of 30 s polls while the node draws 3 kW,
+    then 1 kWh: 3.6 MJ in one 30 s poll would be 120 kW (implausible), but it took the
+    whole 1200 s since the register last moved: 3 kW, booked. RAPL read 100 W throughout:
+    other = 3.6 MJ - 1200 s x 100 W = 3.48 MJ."""
+    node: SimulatedNode = sim()
+    node.add_rapl_zone("0", "package-0")
+    meter = CoarseCounterMeter()
+    config = node_config(node, "--interval", "30s")
+    sampler = Sampler(config, HostNamer(), clock=clock,
+                      platform=PlatformStage([meter], config))
+    meter.publish_energy(clock.now, 0.0)
+    sampler.sample()
+    for step in range(1, 41):
+        node.add_node_cpu(idle_seconds=120)
+        node.add_energy("0", 3000.0)
+        clock.advance(30)
+        meter.publish_energy(clock.now, 3_600_000.0 if step == 40 else 0.0)
+        sampler.sample()
+    snap = sampler.snapshot()
+    assert _node(snap)[("other", "bmc")] == pytest.approx(3_480_000.0)
+    assert ("bmc", "implausible") not in _errors(snap)

@@ -71,7 +71,7 @@ class PlatformConfig:
     # Further hwmon channels, "<chip name>/powerN" or "<chip name>/energyN"; each must exist.
     hwmon_sensors: tuple[str, ...] = ()
     # Highest power a platform meter may honestly show; a step implying more is implausible.
-    ceiling_watts: float = 20000.0
+    ceiling_watts: float = 30000.0
 
 
 @dataclass(frozen=True)

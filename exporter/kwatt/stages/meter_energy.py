@@ -2,7 +2,8 @@
 
 A sensor with an energy counter is differenced through kwatt.counters' plausibility rule
 (in microjoule units, no known wrap point: a lower reading is a reset, re-baselined and
-counted). A sensor that reports only power is integrated by the trapezoid rule between two
+counted); while it does not move, its baseline stays, so a coarse step is judged over the
+whole time it took. A sensor that reports only power is integrated by the trapezoid rule between two
 readings, each at its own ``read_at``. Either way a step implying more than the ceiling is
 implausible: counted, re-baselined, nothing booked.
 """
@@ -52,6 +53,12 @@ class MeterIntegrator:
             previous = self._last.get(key)
             if previous is not None and sample.generation == previous.generation:
                 continue  # nothing new since the last cycle (a slow meter)
+            if (previous is not None and sample.energy_joules is not None
+                    and sample.energy_joules == previous.energy_joules):
+                # A counter that moves in coarse steps (a BMC's EnergykWh in 0.01 or 1 kWh):
+                # keep the baseline and its time, so the step is judged, and its energy
+                # spread, over all the time it took.
+                continue
             self._last[key] = sample
             if previous is None:
                 continue
