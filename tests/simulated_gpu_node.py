@@ -12,6 +12,7 @@ Scenario (what the GPU dashboard and the GPU alert need):
   GPU-2   50 W, nobody holds it: unallocated
   GPU-3  100 W, MIG mode, instance MIG-a held by lab/mig-job/main
   GPU-4  150 W, 40 % busy, time-sliced between ml/infer-a and ml/infer-b (shared)
+  An ACPI power meter reads 1200 W for the whole node: other = 1200 - 660 - 95 = 445 W.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 from fake_kube_api import FakeKubeApi, make_pod, owner_uid
+from hwmon_sim import install_hwmon, set_hwmon
 from kwatt.config import load_config
 from kwatt.exporter import Exporter
 from kwatt.sources.nvml import MigInstance
@@ -28,6 +30,7 @@ from nvml_fake import FakeGpu, FakeNvml
 from podresources_server import Allocation, PodResourcesServer
 from simnode import SimulatedNode, container_id, pod_uid
 
+METER_WATTS = 1200.0
 GPU_WATTS = {"GPU-0": 300.0, "GPU-1": 60.0, "GPU-2": 50.0, "GPU-3": 100.0, "GPU-4": 150.0}
 HOLDERS = {  # key: (namespace, pod, container, pid on the GPU)
     "trainer": ("ml", "train-0", "trainer", 11),
@@ -67,6 +70,8 @@ class SimulatedGpuNode:
         self.node = SimulatedNode(root / "node", cgroup_version=2, driver="systemd", vcpus=8)
         self.node.add_rapl_zone("0", "package-0")
         self.node.add_rapl_zone("0:0", "dram")
+        install_hwmon(self.node, "acpi-power-meter")
+        set_hwmon(self.node, "hwmon1/device/power1_average", round(METER_WATTS * 1e6))
         self.paths: dict[str, str] = {}
         add_run_owners(api)
         for key, (_namespace, pod, _name, pid) in HOLDERS.items():

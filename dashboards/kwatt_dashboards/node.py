@@ -26,6 +26,8 @@ NODE_E = f"kwatt_node_energy_joules_total{N}"
 UN_E = f"kwatt_unattributed_energy_joules_total{N}"
 IDLE_E = "kwatt_unattributed_energy_joules_total" + sel(NODE, 'reason="idle"')
 CT_E = f"kwatt_container_energy_joules_total{N}"
+PLATFORM_E = f"kwatt_platform_energy_joules_total{N}"
+INSIDE_E = "kwatt_node_energy_joules_total" + sel(NODE, 'component=~"cpu|dram|gpu"')
 
 
 def node_variable() -> dashboard.QueryVariable:
@@ -44,9 +46,20 @@ def build() -> dashboard.Dashboard:
         .with_row(row("Power"))
         .with_panel(ts(
             "Node power by component and source", "Non-overlapping components (cpu, dram, "
-            "gpu) and where the number comes from (rapl, nvml, estimated).", "watt",
+            "gpu, other) and where the number comes from (rapl, nvml, hwmon, estimated). "
+            "On a node with a platform meter the stack adds up to the meter: other is the "
+            "meter minus cpu, dram and gpu.", "watt",
             target(f"sum by (node, component, source) (rate({NODE_E}[$__rate_interval]))",
                    "{{node}} {{component}} ({{source}})"), stacked=True))
+        .with_panel(ts(
+            "Platform meter against RAPL and GPUs", "The whole-node meter (each platform "
+            "sensor, by source) against the sum of what kwatt measures inside it (cpu, dram, "
+            "gpu). The gap is the other component: PSU losses, fans, NICs, storage, the "
+            "board. Empty on nodes without a meter.", "watt",
+            target(f"sum by (node, source, sensor) (rate({PLATFORM_E}[$__rate_interval]))",
+                   "{{node}} meter {{source}} {{sensor}}"),
+            target(f"sum by (node) (rate({INSIDE_E}[$__rate_interval]))",
+                   "{{node}} cpu + dram + gpu")))
         .with_panel(ts(
             "RAPL zones", "Raw RAPL zones, wrap-corrected. Zones overlap (core and uncore "
             "are inside package; psys covers the platform): compare, never add.", "watt",
@@ -76,12 +89,13 @@ def build() -> dashboard.Dashboard:
             links=[to_wl]))
         .with_row(row("Sources"))
         .with_panel(single(
-            "Sources up", "1 when the source (rapl, model, procfs, cgroup, kubernetes, "
-            "podresources, nvml) read without fault in the last sample.", "bool_yes_no",
+            "Sources up", "1 when the source (rapl, hwmon, model, procfs, cgroup, "
+            "kubernetes, podresources, nvml) read without fault in the last sample.", "bool_yes_no",
             target(f"kwatt_source_up{N}", "{{node}} {{source}}", instant=True), width=12))
         .with_panel(ts(
             "Source errors", "Failed reads per second by source and reason (permission, "
-            "absent, parse, timeout, api).", "short",
+            "absent, parse, timeout, api, implausible, negative_remainder: a platform meter "
+            "read less than cpu+dram+gpu).", "short",
             target(f"sum by (node, source, reason) (rate(kwatt_source_errors_total{N}"
                    f"[$__rate_interval]))", "{{node}} {{source}} {{reason}}"),
             links=[to_health]))

@@ -267,7 +267,7 @@ def alert_group(p: RuleParams) -> dict[str, Any]:
                f'(rate(kwatt_node_energy_joules_total{{source="estimated"}}[{w}])) > 0\n'
                f"and on (cluster, node, component)\n"
                f"count by (cluster, node, component) (present_over_time("
-               f'kwatt_node_energy_joules_total{{source=~"rapl|nvml"}}'
+               f'kwatt_node_energy_joules_total{{source=~"rapl|nvml|hwmon"}}'
                f"[{p.estimation_lookback}]))",
                p.estimation_for, "warning",
                "{{ $labels.node }} {{ $labels.component }} power is estimated, was measured",

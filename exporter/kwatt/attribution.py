@@ -16,7 +16,7 @@ with ``system`` computed as the remainder.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -27,8 +27,8 @@ K = TypeVar("K", bound=Hashable)
 class ComponentEnergy:
     """Energy of one node component over one interval."""
 
-    component: str  # cpu, dram, gpu
-    source: str  # rapl, estimated, nvml
+    component: str  # cpu, dram, gpu, other
+    source: str  # rapl, estimated, nvml, hwmon
     joules: float
     idle_joules: float | None = None  # static part when known; None: use utilisation
 
@@ -78,6 +78,14 @@ def attribute_component(energy: ComponentEnergy, utilisation: float, node_busy_s
             if activity.cpu_seconds > 0:
                 shares[activity.key] = active * (activity.cpu_seconds / denominator)
 
+    return _finish(energy.component, energy.source, total, idle, shares, activities,
+                   idle_policy)
+
+
+def _finish(component: str, source: str, total: float, idle: float, shares: dict[K, float],
+            activities: list[WorkloadActivity[K]], idle_policy: str) -> ComponentSplit[K]:
+    """Charge ``idle`` by the idle policy on top of the active ``shares``; what is left of
+    ``total`` is ``system``."""
     idle_left = idle
     if idle > 0 and activities and idle_policy != "unattributed":
         if idle_policy == "cpu-request":
@@ -97,7 +105,52 @@ def attribute_component(energy: ComponentEnergy, utilisation: float, node_busy_s
         shares = {k: v * scale for k, v in shares.items()}
         attributed = sum(shares.values())
     system = max(total - idle_left - attributed, 0.0)
-    return ComponentSplit(energy.component, energy.source, total, shares, idle_left, system)
+    return ComponentSplit(component, source, total, shares, idle_left, system)
+
+
+def platform_remainder(platform_joules: float, inside_joules: float) -> tuple[float, float]:
+    """(other, shortfall): what a whole-node meter read beyond the components measured
+    inside it, and by how much it read less than them (meter lag, averaging windows).
+    ``other`` is never negative: a shortfall books 0 and is reported, never subtracted."""
+    remainder = platform_joules - inside_joules
+    return (remainder, 0.0) if remainder >= 0 else (0.0, -remainder)
+
+
+def active_weights(splits: Sequence[ComponentSplit[K]]) -> tuple[dict[K, float], float]:
+    """Per workload, the energy it was charged in ``splits``, and the splits' energy that
+    was not left idle (workloads + system + other buckets such as unallocated GPUs): the
+    weights and denominator by which ``other``'s active part is split."""
+    weights: dict[K, float] = {}
+    total = 0.0
+    for split in splits:
+        total += max(split.joules - split.idle, 0.0)
+        for key, joules in split.to_workloads.items():
+            if joules > 0:
+                weights[key] = weights.get(key, 0.0) + joules
+    return weights, total
+
+
+def attribute_other(energy: ComponentEnergy, utilisation: float, weights: Mapping[K, float],
+                    weights_total: float, activities: list[WorkloadActivity[K]],
+                    idle_policy: str = "unattributed") -> ComponentSplit[K]:
+    """Split the `other` component (a platform meter minus cpu, dram and gpu).
+
+    Its idle part is the learned or configured baseline (else ``E * (1 - utilisation)``,
+    as for the CPU). Its active part follows the energy the same interval's cpu, dram and
+    gpu splits charged: a workload gets ``active * weight / weights_total``; what the
+    workloads' weights leave of ``weights_total`` (system, unallocated GPUs) is ``system``.
+    The idle part is handled by the idle policy, as for the CPU.
+    """
+    total = max(energy.joules, 0.0)
+    active, idle = split_idle(energy, utilisation)
+    shares: dict[K, float] = {}
+    denominator = max(weights_total, sum(max(w, 0.0) for w in weights.values()))
+    if denominator > 0 and active > 0:
+        for key, weight in weights.items():
+            if weight > 0:
+                shares[key] = active * (weight / denominator)
+    return _finish(energy.component, energy.source, total, idle, shares, activities,
+                   idle_policy)
 
 
 def exclusive_cpu_seconds(deltas: Mapping[str, float],

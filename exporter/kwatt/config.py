@@ -61,6 +61,7 @@ class AttributionConfig:
     # Known idle power per component in watts; None means learn it.
     idle_watts_cpu: float | None = None
     idle_watts_dram: float | None = None
+    idle_watts_other: float | None = None
     # Window over which the lowest low-utilisation power is remembered as the baseline.
     idle_learn_window_seconds: float = 3600.0
     # Utilisation under which a sample may teach the idle baseline.
@@ -94,6 +95,18 @@ class SignalConfig:
             if name == node:
                 return zone
         return None if self.zone_node_label else self.zone
+
+
+@dataclass(frozen=True)
+class PlatformConfig:
+    """Whole-node meters (kwatt.sources.hwmon) and the `other` component."""
+
+    # Find ACPI power_meter, NVIDIA Grace and amd_energy hwmon devices without configuration.
+    hwmon_auto_detect: bool = True
+    # Further hwmon channels, "<chip name>/powerN" or "<chip name>/energyN"; each must exist.
+    hwmon_sensors: tuple[str, ...] = ()
+    # Highest power a platform meter may honestly show; a step implying more is implausible.
+    ceiling_watts: float = 30000.0
 
 
 @dataclass(frozen=True)
@@ -137,6 +150,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     carbon_source: SignalConfig = field(default_factory=SignalConfig)
     price_source: SignalConfig = field(default_factory=SignalConfig)
+    platform: PlatformConfig = field(default_factory=PlatformConfig)
     once: bool = False
     # Redfish BMC meter (docs/redfish.md); off while no URL names this node's BMC.
     redfish_url: str = ""  # https://... with {node} replaced by node_name
@@ -476,6 +490,8 @@ FILE_ONLY: dict[str, tuple[str, Callable[[str, object], Any]]] = {
         "attribution.idle_watts_cpu", lambda k, v: _float(k, v, minimum=0)),
     "attribution.idle_watts.dram": (
         "attribution.idle_watts_dram", lambda k, v: _float(k, v, minimum=0)),
+    "attribution.idle_watts.other": (
+        "attribution.idle_watts_other", lambda k, v: _float(k, v, minimum=0)),
     "attribution.idle_learn_window": (
         "attribution.idle_learn_window_seconds", _positive_duration),
     "attribution.idle_learn_max_utilisation": (
@@ -491,6 +507,10 @@ FILE_ONLY: dict[str, tuple[str, Callable[[str, object], Any]]] = {
     "redfish.insecure_skip_verify": ("redfish_insecure_skip_verify", _bool),
     "redfish.backoff_max": ("redfish_backoff_max_seconds", _positive_duration),
     "redfish.chassis": ("redfish_chassis", _string_list),
+    "platform.hwmon.auto_detect": ("platform.hwmon_auto_detect", _bool),
+    "platform.hwmon.sensors": ("platform.hwmon_sensors", _string_list),
+    "platform.ceiling_watts": (
+        "platform.ceiling_watts", lambda k, v: _float(k, v, minimum=1)),
 }
 # YAML mappings kept whole: node name -> value (a node name may contain dots).
 FILE_ONLY_MAPS: dict[str, tuple[str, Callable[[str, object], Any]]] = {
@@ -723,7 +743,7 @@ def load_config(argv: Sequence[str], env: Mapping[str, str] | None = None,
 
     top: dict[str, Any] = {}
     nested: dict[str, dict[str, Any]] = {"attribution": {}, "model": {}, "carbon_source": {},
-                                         "price_source": {}}
+                                         "price_source": {}, "platform": {}}
     for dest, value in values.items():
         group, _, name = dest.partition(".")
         if name:
@@ -759,7 +779,8 @@ def load_config(argv: Sequence[str], env: Mapping[str, str] | None = None,
                   top.get("carbon_intensity_grams_per_kwh"), "electricitymaps")
     _check_signal("cost", price, "cost.price_per_kwh", top.get("energy_price_per_kwh"), "")
     clock_ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    return Config(attribution=attribution, model=model, once=bool(args.once),
+    return Config(attribution=attribution, model=model,
+                  platform=PlatformConfig(**nested["platform"]), once=bool(args.once),
                   clock_ticks_per_second=int(clock_ticks), carbon_source=carbon,
                   price_source=price, **top)
 

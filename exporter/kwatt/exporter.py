@@ -31,8 +31,13 @@ from kwatt.sampler import EnergyStage, PublishedCycle, Sampler
 from kwatt.signals.families import carbon_family, price_family, renderer
 from kwatt.signals.nodezone import NodeLabelZone
 from kwatt.signals.stage import SignalStage, build_signal_stage, static_zone
+from kwatt.sources.hwmon import build_hwmon_cpu_meter, build_hwmon_meters
+from kwatt.sources.ipmi import build_ipmi_meter
+from kwatt.sources.meter import PlatformMeter
 from kwatt.sources.model import Coefficients, choose_coefficients
 from kwatt.sources.nvml import NvmlBackend
+from kwatt.sources.redfish import build_redfish_meter
+from kwatt.stages.platform import PlatformStage
 from kwatt.state import StateFile
 from kwatt.statekeeper import StateKeeper
 from kwatt.web import (
@@ -131,6 +136,15 @@ class Exporter:
         self._cert_watcher: CertWatcher | None = None
         self._secure: SecureApp | None = None
         self.namer: WorkloadNamer = HostNamer(config.docker_root)
+        # Platform meters (hwmon here; out-of-band meters join this list) -> `other`.
+        # First, so that a configured sensor that is missing stops the start before
+        # anything else is built or logged.
+        self.meters: list[PlatformMeter] = list(build_hwmon_meters(config))
+        for remote in (build_redfish_meter(config), build_ipmi_meter(config)):
+            if remote is not None:  # polled on their own threads: never delay a cycle
+                self.meters.append(remote)
+        self.platform = PlatformStage(self.meters, config) if self.meters else None
+        hwmon_cpu, cpu_driver = build_hwmon_cpu_meter(config)
         gpu = build_gpu_stage(config, gpu_backend_factory)
         stages: list[EnergyStage] = [gpu[0]] if gpu else []
         self.kube: KubernetesParts | None = None
@@ -141,6 +155,12 @@ class Exporter:
         else:
             log.info("host mode: workloads are systemd units and Docker/Podman containers, "
                      "named from their cgroups", extra={"kubernetes": config.kubernetes})
+        if self.meters:
+            log.info("platform meters: the node's `other` component is the meter minus cpu, "
+                     "dram and gpu", extra={"meters": ",".join(m.source for m in self.meters)})
+        if hwmon_cpu is not None:
+            log.info("CPU-socket hwmon meter found; used for cpu when RAPL is not readable",
+                     extra={"driver": cpu_driver})
         self.coefficients = _estimation_coefficients(config, self.kube is not None)
         # Fetched carbon intensity and price: stages without energy, polled on their own
         # threads (kwatt.signals); rendered from the same published cycle as the rest.
@@ -156,8 +176,8 @@ class Exporter:
         # system share. The sampler gets the coefficients chosen for this node; self.config
         # stays as loaded, so a reload compares like with like.
         self.sampler = Sampler(_with_coefficients(config, self.coefficients), self.namer,
-                               clock=clock,
-                               include_host_units=self.kube is None, stages=stages)
+                               clock=clock, include_host_units=self.kube is None,
+                               stages=stages, platform=self.platform, hwmon_cpu=hwmon_cpu)
         self.state: StateKeeper | None = None
         if config.state_file and not config.once:
             self.state = StateKeeper(
@@ -287,6 +307,12 @@ class Exporter:
         if self.server is not None:
             self.server.shutdown(timeout=1.0)
         self.stop_watch()
+        self.close_meters()
+
+    def close_meters(self) -> None:
+        """Stop the meters' polling threads (slow meters); bounded by each meter."""
+        for meter in self.meters:
+            meter.close()
 
     def stop_watch(self) -> None:
         for signal_stage in self.signal_stages:

@@ -6,7 +6,10 @@ import errno
 from dataclasses import dataclass
 
 # The `reason` label of kwatt_source_errors_total: a small, fixed set (cardinality).
-REASONS = ("permission", "absent", "parse", "timeout", "api", "implausible")
+# negative_remainder: a whole-node meter read less than the components inside it (meter lag
+# or averaging window); the platform stage books `other` as 0 for that interval.
+REASONS = ("permission", "absent", "parse", "timeout", "api", "implausible",
+           "negative_remainder")
 
 
 @dataclass(frozen=True)

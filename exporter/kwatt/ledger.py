@@ -14,7 +14,7 @@ from typing import Any
 from kwatt.attribution import ComponentSplit
 from kwatt.text import clean_text, is_clean
 
-COMPONENTS = ("cpu", "dram", "gpu")
+COMPONENTS = ("cpu", "dram", "gpu", "other")
 
 
 @dataclass(frozen=True, order=True)
@@ -82,6 +82,7 @@ class LedgerSnapshot:
     node_energy: tuple[tuple[str, str, float], ...] = ()  # component, source, joules
     node_power: tuple[tuple[str, str, float], ...] = ()  # component, source, watts
     zone_energy: tuple[tuple[str, str, float], ...] = ()  # zone, index, joules
+    platform_energy: tuple[tuple[str, str, float], ...] = ()  # source, sensor, joules
     containers: tuple[ContainerRow, ...] = ()
     namespace_energy: tuple[tuple[str, str, float], ...] = ()  # namespace, component, J
     unattributed: tuple[tuple[str, str, float], ...] = ()  # component, reason, joules
@@ -122,6 +123,7 @@ class EnergyLedger:
         self.node_energy: dict[tuple[str, str], float] = {}
         self.node_power: dict[tuple[str, str], float] = {}
         self.zone_energy: dict[tuple[str, str], float] = {}
+        self.platform_energy: dict[tuple[str, str], float] = {}
         self.namespace_energy: dict[tuple[str, str], float] = {}
         self.unattributed: dict[tuple[str, str], float] = {}
         self.source_up: dict[str, bool] = {}
@@ -185,6 +187,10 @@ class EnergyLedger:
 
     def add_zone(self, zone: str, index: str, joules: float) -> None:
         self._add(self.zone_energy, (zone, index), joules)
+
+    def add_platform(self, source: str, sensor: str, joules: float) -> None:
+        """Raw energy of one platform meter sensor (detail; `other` is booked by split)."""
+        self._add(self.platform_energy, (source, sensor), joules)
 
     def add_unattributed(self, component: str, reason: str, joules: float) -> None:
         self._add(self.unattributed, (component, reason), joules)
@@ -361,6 +367,8 @@ class EnergyLedger:
             node_energy=tuple((c, s, j) for (c, s), j in sorted(self.node_energy.items())),
             node_power=tuple((c, s, w) for (c, s), w in sorted(self.node_power.items())),
             zone_energy=tuple((z, i, j) for (z, i), j in sorted(self.zone_energy.items())),
+            platform_energy=tuple(
+                (s, n, j) for (s, n), j in sorted(self.platform_energy.items())),
             containers=rows,
             namespace_energy=tuple(
                 (n, c, j) for (n, c), j in sorted(self.namespace_energy.items())),

@@ -52,8 +52,9 @@ class KwattCollector(Collector):
 
         family = CounterMetricFamily(
             "kwatt_node_energy_joules_total",
-            "Energy used by the node, by non-overlapping component (cpu, dram, gpu) and by "
-            "where the number comes from (rapl, nvml: measured; estimated: power model).",
+            "Energy used by the node, by non-overlapping component (cpu, dram, gpu, other: "
+            "a platform meter minus the rest) and by where the number comes from (rapl, "
+            "nvml, hwmon: measured; estimated: power model).",
             labels=("node", "component", "source"))
         for component, source, joules in snap.node_energy:
             family.add_metric((node, component, source), joules)
@@ -74,6 +75,16 @@ class KwattCollector(Collector):
             labels=("node", "zone", "index"))
         for zone, index, joules in snap.zone_energy:
             family.add_metric((node, zone, index), joules)
+        yield family
+
+        family = CounterMetricFamily(
+            "kwatt_platform_energy_joules_total",
+            "Raw energy of each platform meter sensor (hwmon, Redfish, ...), integrated "
+            "from its own readings. Detail only: sensors may overlap each other and the "
+            "components; the node's `other` component is the meter minus cpu, dram, gpu.",
+            labels=("node", "source", "sensor"))
+        for source, sensor, joules in snap.platform_energy:
+            family.add_metric((node, source, sensor), joules)
         yield family
 
         family = CounterMetricFamily(

@@ -1,12 +1,15 @@
 """The sampling loop: read sources and workloads, attribute, accumulate, publish.
 
-One cycle per ``--interval``, on its own thread, independent of scrapes. Each cycle ends by
-publishing an immutable snapshot that the collector renders.
+One cycle per ``--interval``, on its own thread, independent of scrapes. The sampler reads
+what every stage shares (node CPU time, workload cgroups and their names) and runs the
+stages: CPU/DRAM (kwatt.stages.cpu), the extra ``EnergyStage``s (GPUs), then the
+``CycleStage`` that needs their results (the platform meter's `other`). It books their
+splits in the ledger and ends by publishing an immutable snapshot that the collector
+renders.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
@@ -15,26 +18,18 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kwatt.attribution import (
-    ComponentEnergy,
     ComponentSplit,
     WorkloadActivity,
-    attribute_component,
     exclusive_cpu_seconds,
 )
-from kwatt.baseline import IdleBaseline
 from kwatt.config import Config
 from kwatt.faults import Fault
 from kwatt.ledger import EnergyLedger, LedgerSnapshot, WorkloadLabels
 from kwatt.logs import RateLimitedLog
 from kwatt.sources import model as estimation
+from kwatt.sources.meter import PlatformMeter
 from kwatt.sources.procfs import NodeCpuTimes, read_memory_bytes, read_node_cpu
-from kwatt.sources.rapl import (
-    RaplCounters,
-    RaplZone,
-    component_energy_joules,
-    discover_rapl_zones,
-    read_rapl_zones,
-)
+from kwatt.stages.cpu import CpuStage
 from kwatt.state import Counters, StateRejected
 from kwatt.text import clean_text, is_clean
 from kwatt.workloads.cgroups import (
@@ -62,6 +57,25 @@ class StageResult:
     # What the stage's collector renders, published together with the ledger's snapshot
     # at the end of the cycle so that a scrape never mixes two cycles. None: nothing.
     snapshot: object | None = None
+    # Raw platform meter energy per (source, sensor) measured this cycle; detail only.
+    platform_energy: Mapping[tuple[str, str], float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CycleEnergy:
+    """What the stages before it booked this cycle, handed to a stage that depends on it
+    (the platform stage's `other` is a meter minus cpu, dram and gpu)."""
+
+    dt: float | None
+    utilisation: float | None
+    splits: Sequence[ComponentSplit[Hashable]]
+    activities: Sequence[WorkloadActivity[Hashable]]
+
+
+class CycleStage(Protocol):
+    """A stage run last in each cycle, given the cycle's other splits."""
+
+    def sample(self, now: float, cycle: CycleEnergy) -> StageResult: ...
 
 
 class EnergyStage(Protocol):
@@ -99,9 +113,12 @@ class Sampler:
     def __init__(self, config: Config, namer: WorkloadNamer,
                  clock: Callable[[], float] = time.monotonic,
                  include_host_units: bool = True,
-                 stages: Sequence[EnergyStage] = ()) -> None:
+                 stages: Sequence[EnergyStage] = (),
+                 platform: CycleStage | None = None,
+                 hwmon_cpu: PlatformMeter | None = None) -> None:
         self._config = config
         self._stages = tuple(stages)
+        self._platform = platform
         self._namer = namer
         self._clock = clock
         self._include_host_units = include_host_units
@@ -109,18 +126,11 @@ class Sampler:
                                    config.workload_retention_seconds, config.max_workloads)
         self._published = PublishedCycle(stages=(None,) * len(self._stages))
         self._faultlog = RateLimitedLog(log)
-        self._rapl_counters = RaplCounters()
-        self._zones: list[RaplZone] = []
         self._cgroup_layout: CgroupLayout | None = None
         self._previous_cpu: NodeCpuTimes | None = None
         self._previous_time: float | None = None
         self._previous_usage: dict[str, float] = {}
-        self._baselines = {
-            component: IdleBaseline(config.attribution.idle_learn_window_seconds,
-                                    config.attribution.idle_learn_max_utilisation)
-            for component in ("cpu", "dram")}
-        self._configured_idle = {"cpu": config.attribution.idle_watts_cpu,
-                                 "dram": config.attribution.idle_watts_dram}
+        self._cpu = CpuStage(config, hwmon_cpu)
         self._memory_bytes: int | None = None
         self._last_faults: set[tuple[str, str, str]] = set()
         # Called in this thread after each cycle has published its snapshot (restart state).
@@ -131,35 +141,8 @@ class Sampler:
 
     def _discover(self) -> None:
         cfg = self._config
-        zones, faults = discover_rapl_zones(cfg.sysfs)
-        reading = read_rapl_zones(zones)
-        readable = [z.zone for z in zones if z in reading.energy_uj]
-        by_design = bool(zones) and not readable and all(
-            f.reason == "permission" for f in reading.faults)
-        if by_design:
-            # Every zone is root-only (non-root mode, kernels since CVE-2020-8694): kwatt
-            # decides here not to use RAPL. That is a choice, not an outage, so it is said
-            # once and RAPL is neither read, nor counted, nor exported as down afterwards.
-            log.warning("RAPL is not used: every energy_uj is unreadable for this user "
-                        "(permission); run as root to measure", extra={
-                            "zones": ",".join(z.zone for z in zones)})
-            zones = []
-        else:
-            faults.extend(reading.faults)
-        self._zones = zones
-        for fault in faults:
+        for fault in self._cpu.discover():
             self._report(fault)
-        if readable:
-            log.info("reading RAPL energy counters", extra={"zones": ",".join(readable)})
-        else:
-            why = ("no RAPL zone is readable for this user" if by_design
-                   else "no powercap intel-rapl zones" if not zones
-                   else "no RAPL zone is readable (" + faults[0].reason + ")")
-            log.warning(
-                "energy is estimated: %s under %s; using the linear per-vCPU model "
-                "(%.2f-%.2f W per vCPU); node series carry source=estimated",
-                why, cfg.sysfs, cfg.model.cpu_watts_idle_per_vcpu,
-                cfg.model.cpu_watts_max_per_vcpu)
         self._cgroup_layout = detect_cgroup_layout(cfg.sysfs)
         if self._cgroup_layout is None:
             self._report(Fault("cgroup", "absent", f"{cfg.sysfs}/fs/cgroup",
@@ -205,9 +188,10 @@ class Sampler:
         cpu_times, fault = read_node_cpu(cfg.procfs)
         if fault is not None:
             faults.append(fault)
-        rapl_reading = read_rapl_zones(self._zones) if self._zones else None
-        if rapl_reading is not None:
-            faults.extend(rapl_reading.faults)
+        dt = None if self._previous_time is None else now - self._previous_time
+        # Energy right after /proc/stat and before the cgroup scan: the windows line up.
+        energy = self._cpu.read(dt)
+        faults.extend(energy.faults)
         cgroups: tuple[CgroupUsage, ...] = ()
         if self._cgroup_layout is not None:
             scan = scan_cgroups(self._cgroup_layout,
@@ -215,11 +199,6 @@ class Sampler:
             cgroups = scan.cgroups
             faults.extend(scan.faults)
 
-        dt = None if self._previous_time is None else now - self._previous_time
-        zone_deltas: dict[RaplZone, float] = {}
-        if rapl_reading is not None:
-            zone_deltas, wrap_faults = self._rapl_counters.advance(rapl_reading, dt)
-            faults.extend(wrap_faults)
         utilisation: float | None = None
         node_busy_seconds = 0.0
         if cpu_times is not None and self._previous_cpu is not None:
@@ -232,28 +211,38 @@ class Sampler:
         activities, present = self._workload_activity(cgroups, first=dt is None)
         report_watts: dict[tuple[str, str], float] = {}
         workload_joules: dict[Hashable, float] = {}
+        cycle_splits: list[ComponentSplit[Hashable]] = []
         if dt is not None and dt > 0:
-            for zone, joules in zone_deltas.items():
-                self.ledger.add_zone(zone.zone, zone.index, joules)
-            for energy in self._node_components(zone_deltas, cpu_times, utilisation, dt,
-                                                now):
-                if utilisation is None:
-                    # Without node CPU time nothing can be split: book it, charge nobody.
-                    self.ledger.add_node(energy.component, energy.source, energy.joules)
-                    self.ledger.add_unattributed(energy.component, "system", energy.joules)
-                else:
-                    split = attribute_component(energy, utilisation, node_busy_seconds,
-                                                activities, cfg.attribution.idle_policy)
-                    self.ledger.add_split(split)
-                    for key, joules in split.to_workloads.items():
-                        workload_joules[key] = workload_joules.get(key, 0.0) + joules
-                report_watts[(energy.component, energy.source)] = energy.joules / dt
+            cpu = self._cpu.split(energy, now, dt, cpu_times, utilisation, node_busy_seconds,
+                                  activities, self._memory_bytes)
+            for zone, index, joules in cpu.zone_joules:
+                self.ledger.add_zone(zone, index, joules)
+            for unsplit in cpu.unsplit:
+                # Without node CPU time nothing can be split: book it, charge nobody.
+                self.ledger.add_node(unsplit.component, unsplit.source, unsplit.joules)
+                self.ledger.add_unattributed(unsplit.component, "system", unsplit.joules)
+                cycle_splits.append(ComponentSplit(unsplit.component, unsplit.source,
+                                                   unsplit.joules, {}, 0.0, unsplit.joules))
+                report_watts[(unsplit.component, unsplit.source)] = unsplit.joules / dt
+            for split in cpu.splits:
+                self.ledger.add_split(split)
+                cycle_splits.append(split)
+                for key, joules in split.to_workloads.items():
+                    workload_joules[key] = workload_joules.get(key, 0.0) + joules
+                report_watts[(split.component, split.source)] = split.joules / dt
         identities = {k: v for k, v in present.items() if isinstance(k, CgroupIdentity)}
         stage_snapshots: list[object | None] = []
-        for stage in self._stages:
-            result = stage.sample(now, identities)
+        results = [stage.sample(now, identities) for stage in self._stages]
+        for result in results:
             stage_snapshots.append(result.snapshot)
+            cycle_splits.extend(result.splits)
+        if self._platform is not None:
+            results.append(self._platform.sample(now, CycleEnergy(
+                dt, utilisation, tuple(cycle_splits), tuple(activities))))
+        for result in results:
             faults.extend(result.faults)
+            for (source, sensor), joules in result.platform_energy.items():
+                self.ledger.add_platform(source, sensor, joules)
             for source, up in result.source_up.items():
                 self.ledger.set_source_up(source, up)
             for split in result.splits:
@@ -281,7 +270,10 @@ class Sampler:
         if cpu_times is not None:
             self._previous_cpu = cpu_times
         estimating = any(source == estimation.SOURCE for _, source in report_watts)
-        self._publish_health(faults, rapl_reading is not None, estimating)
+        self._publish_health(faults, energy.rapl_in_use, estimating)
+        if self._cpu.uses_hwmon:
+            self.ledger.set_source_up("hwmon", not energy.hwmon_failed and all(
+                r.source_up.get("hwmon", True) for r in results))
         self.ledger.observe_cycle(time.perf_counter() - started, now)
         self._publish(stage_snapshots)
         if self.on_cycle is not None:
@@ -332,29 +324,6 @@ class Sampler:
             present[identity] = name
         return activities, present
 
-    def _node_components(self, zone_deltas: dict[RaplZone, float],
-                         cpu_times: NodeCpuTimes | None, utilisation: float | None,
-                         dt: float, now: float) -> list[ComponentEnergy]:
-        measured = component_energy_joules(self._zones, zone_deltas)
-        out: list[ComponentEnergy] = []
-        for component, joules in measured.items():
-            watts = joules / dt
-            baseline = self._configured_idle.get(component)
-            if baseline is None:
-                baseline = self._baselines[component].watts()
-                if utilisation is not None:
-                    self._baselines[component].observe(now, watts, utilisation)
-            out.append(ComponentEnergy(component, "rapl", joules,
-                                       None if baseline is None else baseline * dt))
-        missing = [c for c in ("cpu", "dram") if c not in measured]
-        if missing and cpu_times is not None and utilisation is not None:
-            for estimate in estimation.estimate_node_power(
-                    cpu_times.vcpus, utilisation, self._memory_bytes, self._config.model):
-                if estimate.component in missing:
-                    out.append(ComponentEnergy(estimate.component, estimation.SOURCE,
-                                               estimate.watts * dt, estimate.idle_watts * dt))
-        return out
-
     def _publish_health(self, faults: list[Fault], rapl_in_use: bool,
                         estimating: bool) -> None:
         for fault in faults:
@@ -390,7 +359,7 @@ class Sampler:
             self._cgroup_layout.version if self._cgroup_layout is not None else 0,
             self._include_host_units,
             None if cpu is None else cpu.busy_ticks, None if cpu is None else cpu.idle_ticks,
-            {zone.index: value for zone, value in self._rapl_counters.readings().items()},
+            self._cpu.export_rapl(),
             {}, dict(self._previous_usage))
 
     def restore_counters(self, counters: Counters) -> None:
@@ -407,14 +376,7 @@ class Sampler:
                 cpu.busy_ticks < counters.node_busy_ticks
                 or cpu.idle_ticks < (counters.node_idle_ticks or 0)):
             raise StateRejected("inconsistent: node CPU time is lower now than saved")
-        by_index = {zone.index: zone for zone in self._zones}
-        seeds = {by_index[i]: v for i, v in counters.rapl_uj.items() if i in by_index}
-        now = read_rapl_zones(seeds).energy_uj
-        lower = sorted(z.zone for z, v in seeds.items() if z in now and now[z] < v)
-        if lower:
-            raise StateRejected("inconsistent: RAPL counter lower now than saved ("
-                                + ",".join(lower) + ")")
-        self._rapl_counters.seed(seeds)
+        self._cpu.restore_rapl(counters.rapl_uj)
         if cpu is not None and counters.node_busy_ticks is not None:
             self._previous_cpu = NodeCpuTimes(counters.node_busy_ticks,
                                               counters.node_idle_ticks or 0, cpu.vcpus)
@@ -426,7 +388,7 @@ class Sampler:
     def _cursors(self) -> tuple[object, ...]:
         """Where the sampler's own readings stand before a cycle."""
         return (self._previous_time, self._previous_cpu, self._previous_usage,
-                copy.deepcopy(self._rapl_counters))
+                self._cpu.cursor())
 
     def _undo_cycle(self, cursors: tuple[object, ...]) -> None:
         """A cycle failed half-way: undo what it booked and where its readings stand, so
@@ -435,7 +397,8 @@ class Sampler:
         so the failure is counted on /metrics although the cycle did not complete."""
         self.ledger.rollback()
         (self._previous_time, self._previous_cpu, self._previous_usage,
-         self._rapl_counters) = cursors  # type: ignore[assignment]
+         cpu) = cursors  # type: ignore[assignment]
+        self._cpu.set_cursor(cpu)
         self.ledger.count_error("sampler", "api")
         self._publish()
 
