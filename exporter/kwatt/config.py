@@ -23,6 +23,10 @@ DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
 DEFAULT_POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
 DEFAULT_SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 DEFAULT_GPU_RESOURCE_NAMES = ("nvidia.com/gpu", "nvidia.com/mig-*")
+# DRA drivers whose devices are GPUs: NVIDIA's k8s-dra-driver-gpu registers gpu.nvidia.com
+# for whole GPUs and MIG devices alike.
+DEFAULT_GPU_DRA_DRIVERS = ("gpu.nvidia.com",)
+ON_OFF = ("on", "off")
 
 IDLE_POLICIES = ("unattributed", "even", "cpu-request")
 TRISTATE = ("auto", "on", "off")
@@ -75,6 +79,7 @@ class Config:
     pod_resources_socket: str = DEFAULT_POD_RESOURCES_SOCKET
     gpu: str = "auto"
     gpu_resource_names: tuple[str, ...] = DEFAULT_GPU_RESOURCE_NAMES
+    gpu_dra_drivers: tuple[str, ...] = DEFAULT_GPU_DRA_DRIVERS
     log_level: str = "info"
     log_format: str = "logfmt"
     retention_seconds: float = 300.0
@@ -87,6 +92,7 @@ class Config:
     pue: float = 1.0
     clock_ticks_per_second: int = 100
     state_file: str = ""  # restart state; empty: off
+    gpu_dra: str = "on"  # read ResourceSlices for DRA-allocated GPUs
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     once: bool = False
@@ -269,11 +275,16 @@ SETTINGS: tuple[Setting, ...] = (
             lambda k, v: v if isinstance(v, str) else _string(k, v),
             "file keeping the last counters across restarts, so a restart loses no energy; "
             "empty: off (default off)", "FILE"),
+    Setting("--gpu.dra", "gpu.dra", "gpu_dra", lambda k, v: _choice(k, v, ON_OFF),
+            "on: map DRA-allocated GPUs to UUIDs through this node's ResourceSlices "
+            "(list+watch resource.k8s.io/v1 resourceslices); off: do not read them "
+            "(default on)", "MODE"),
 )
 
 # Keys only the YAML file (or env) sets: nested and rarely changed.
 FILE_ONLY: dict[str, tuple[str, Callable[[str, object], Any]]] = {
     "gpu.resource_names": ("gpu_resource_names", _string_list),
+    "gpu.dra_drivers": ("gpu_dra_drivers", _string_list),
     "kubernetes.pod_label_allowlist": ("pod_label_allowlist", _string_list),
     "kubernetes.service_account_dir": ("service_account_dir", _string),
     "host.docker_root": ("docker_root", _string),

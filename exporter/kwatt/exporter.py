@@ -40,6 +40,7 @@ from kwatt.web import (
 from kwatt.webconfig import SecureApp, WebConfig, secure_app
 from kwatt.workloads.kubernetes import KubernetesParts, build_kubernetes, kubernetes_enabled
 from kwatt.workloads.naming import HostNamer, WorkloadNamer
+from kwatt.workloads.resourceslices import SliceStore
 
 log = logging.getLogger("kwatt")
 
@@ -83,11 +84,15 @@ class Exporter:
         self._cert_watcher: CertWatcher | None = None
         self._secure: SecureApp | None = None
         self.namer: WorkloadNamer = HostNamer(config.docker_root)
-        gpu = build_gpu_stage(config, gpu_backend_factory)
+        kubernetes = kubernetes_enabled(config)
+        # DRA devices become GPU UUIDs through the node's ResourceSlices: watched only on a
+        # GPU node in Kubernetes mode with --gpu.dra on.
+        slices = SliceStore() if kubernetes and config.gpu_dra == "on" else None
+        gpu = build_gpu_stage(config, gpu_backend_factory, slices=slices)
         stages: list[EnergyStage] = [gpu[0]] if gpu else []
         self.kube: KubernetesParts | None = None
-        if kubernetes_enabled(config):
-            self.kube = build_kubernetes(config)
+        if kubernetes:
+            self.kube = build_kubernetes(config, slices=slices if gpu else None)
             self.namer = self.kube.namer
             stages.append(self.kube.stage)
         else:
@@ -135,6 +140,8 @@ class Exporter:
     def start_watch(self) -> None:
         if self.kube is not None:
             self.kube.watcher.start()
+            if self.kube.slices is not None:
+                self.kube.slices.start()
 
     def healthy(self) -> tuple[bool, str]:
         snap = self.sampler.snapshot()
@@ -205,4 +212,8 @@ class Exporter:
     def stop_watch(self) -> None:
         if self.kube is not None:
             self.kube.watcher.stop()
+            if self.kube.slices is not None:
+                self.kube.slices.stop()
             self.kube.watcher.join(WATCH_STOP_JOIN_SECONDS)
+            if self.kube.slices is not None:
+                self.kube.slices.join(WATCH_STOP_JOIN_SECONDS)
