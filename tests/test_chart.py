@@ -455,9 +455,11 @@ def test_cluster_role_is_least_privilege_and_commented() -> None:
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
         {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["get"]},
         {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get"]},
+        {"apiGroups": ["resource.k8s.io"], "resources": ["resourceslices"],
+         "verbs": ["list", "watch"]},
     ]
     without = only(render("default", "--set", "rbac.ownerLookups=false"), "ClusterRole")
-    assert without["rules"] == role["rules"][:1]
+    assert without["rules"] == role["rules"][:1] + role["rules"][3:]
     template = (CHART / "templates" / "clusterrole.yaml").read_text().splitlines()
     for index, line in enumerate(template):
         if line.strip().startswith("- apiGroups:"):
@@ -466,6 +468,23 @@ def test_cluster_role_is_least_privilege_and_commented() -> None:
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kwatt",
                                     "namespace": NAMESPACE}]
     assert pod_spec(render("default"))["serviceAccountName"] == "kwatt"
+
+
+def test_resource_slice_rule_and_the_exporter_flag_follow_one_value() -> None:
+    """DRA: the ResourceSlice rule exists only when rbac.resourceSlices is on; off also
+    turns the exporter's ResourceSlice watch off, so it never collects 403s."""
+    on = render("default")
+    off = render("default", "--set", "rbac.resourceSlices=false")
+    slice_rule = {"apiGroups": ["resource.k8s.io"], "resources": ["resourceslices"],
+                  "verbs": ["list", "watch"]}
+    assert slice_rule in only(on, "ClusterRole")["rules"]
+    assert slice_rule not in only(off, "ClusterRole")["rules"]
+    args_on = pod_spec(on)["containers"][0]["args"]
+    args_off = pod_spec(off)["containers"][0]["args"]
+    assert not any(a.startswith("--gpu.dra") for a in args_on)
+    assert "--gpu.dra=off" in args_off
+    assert load_config([a for a in args_off if not a.startswith("--config")],
+                       env={"NODE_NAME": "n"}).gpu_dra == "off"
 
 
 # --------------------------------------------------------------------------- monitoring

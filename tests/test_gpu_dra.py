@@ -282,3 +282,18 @@ def test_resource_slice_watch_follows_changes_and_counts_faults(tmp_path: Path) 
             parts.slices.stop()
             api.close_watches()
             parts.slices.join(5)
+
+
+def test_gpu_dra_setting(tmp_path: Path) -> None:
+    from kwatt.config import ConfigError, load_config
+
+    assert load_config([], env={"NODE_NAME": "n"}).gpu_dra == "on"
+    assert load_config([], env={"NODE_NAME": "n"}).gpu_dra_drivers == (DRA_DRIVER,)
+    # YAML 1.1 reads a bare off as false: it means off.
+    path = tmp_path / "kwatt.yaml"
+    path.write_text("gpu:\n  dra: off\n  dra_drivers: [gpu.nvidia.com, '*.example.com']\n")
+    config = load_config(["--config", str(path)], env={"NODE_NAME": "n"})
+    assert (config.gpu_dra, config.gpu_dra_drivers) == ("off", (DRA_DRIVER, "*.example.com"))
+    assert load_config([], env={"NODE_NAME": "n", "KWATT_GPU_DRA": "off"}).gpu_dra == "off"
+    with pytest.raises(ConfigError, match=r"^--gpu\.dra: must be one of on, off"):
+        load_config(["--gpu.dra", "maybe"], env={"NODE_NAME": "n"})

@@ -167,6 +167,13 @@ def _choice(key: str, value: object, choices: Sequence[str]) -> str:
     return value
 
 
+def _on_off(key: str, value: object) -> str:
+    """on or off; YAML 1.1 reads a bare on/off/true/false as a boolean, which means the same."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return _choice(key, value, ON_OFF)
+
+
 def _string(key: str, value: object) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
@@ -275,7 +282,7 @@ SETTINGS: tuple[Setting, ...] = (
             lambda k, v: v if isinstance(v, str) else _string(k, v),
             "file keeping the last counters across restarts, so a restart loses no energy; "
             "empty: off (default off)", "FILE"),
-    Setting("--gpu.dra", "gpu.dra", "gpu_dra", lambda k, v: _choice(k, v, ON_OFF),
+    Setting("--gpu.dra", "gpu.dra", "gpu_dra", _on_off,
             "on: map DRA-allocated GPUs to UUIDs through this node's ResourceSlices "
             "(list+watch resource.k8s.io/v1 resourceslices); off: do not read them "
             "(default on)", "MODE"),
