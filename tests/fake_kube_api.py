@@ -62,6 +62,15 @@ def nvidia_mig_device(parent_minor: int, parent_uuid: str, uuid: str, profile: s
             "capacity": {"multiprocessors": {"value": "42"}}}
 
 
+def nvidia_dynamic_mig_device(parent_minor: int, parent_uuid: str, profile: str,
+                              start: int) -> dict[str, Any]:
+    """An abstract MIG device of the driver's DynamicMIG mode (kubernetes-sigs/
+    dra-driver-nvidia-gpu, partitions.go, CommonAttributesMig): no uuid until prepared."""
+    return {"name": f"gpu-{parent_minor}-mig-{profile.replace('.', '')}-{start}",
+            "attributes": _attrs(type="mig", parentUUID=parent_uuid, profile=profile,
+                                 productName="NVIDIA A100-SXM4-40GB")}
+
+
 def make_resource_slice(name: str, devices: list[dict[str, Any]], *, node: str = "node-a",
                         driver: str = DRA_DRIVER, pool: str | None = None,
                         generation: int = 1) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from fake_kube_api import (
     DRA_DRIVER,
     FakeKubeApi,
     make_resource_slice,
+    nvidia_dynamic_mig_device,
     nvidia_gpu_device,
     nvidia_mig_device,
     write_kubeconfig,
@@ -297,3 +298,51 @@ def test_gpu_dra_setting(tmp_path: Path) -> None:
     assert load_config([], env={"NODE_NAME": "n", "KWATT_GPU_DRA": "off"}).gpu_dra == "off"
     with pytest.raises(ConfigError, match=r"^--gpu\.dra: must be one of on, off"):
         load_config(["--gpu.dra", "maybe"], env={"NODE_NAME": "n"})
+
+
+@pytest.mark.parametrize("twin", [False, True])
+def test_dynamic_mig_devices_match_by_parent_and_profile(sim, clock: FakeClock,
+                                                         tmp_path: Path, twin: bool) -> None:
+    """DynamicMIG: the slice names parent and profile but no UUID. One 3g instance on the
+    parent: it is the claim's. Two 3g instances nobody else names: kwatt cannot tell which,
+    so the claim stays unplaced and both instances are unallocated (never charged twice)."""
+    node: SimulatedNode = sim()
+    namer = NamesNamer()
+    sim_pod = node.add_pod(pod_uid("nb"), "burstable", "containerd")
+    container = node.add_container(sim_pod, container_id("nb"))
+    namer.add(container, "lab", "nb", "jupyter")
+    run_process(node, 301, container.path)
+    server = PodResourcesServer(str(tmp_path / "kubelet.sock")).start()
+    server.lister.dra = [DraAllocation("lab", "nb", "jupyter", "nb-mig",
+                                       [(DRA_DRIVER, NODE, "gpu-2-mig-3g20gb-0")])]
+    instances = [MigInstance("MIG-a", 1, 3, "3g.20gb", (301,)),
+                 MigInstance("MIG-b", 2, 4 if not twin else 3, "4g.20gb" if not twin
+                             else "3g.20gb", ())]
+    fake = FakeNvml([FakeGpu("GPU-2", model="NVIDIA A100-SXM4-40GB", mig_enabled=True,
+                             instances=instances)])
+    store = _store([make_resource_slice("s", [
+        nvidia_gpu_device(2, "GPU-2"), nvidia_dynamic_mig_device(2, "GPU-2", "3g.20gb", 0)])])
+    reader = GpuReader(fake, clock)
+    reader.start()
+    client = PodResourcesClient(server.socket_path, PATTERNS, dra_drivers=(DRA_DRIVER,))
+    stage = GpuStage(reader, client, str(node.procfs), slices=store)
+    sampler = Sampler(node_config(node), namer, clock=clock, stages=[stage])
+    try:
+        sampler.sample()
+        fake.gpus[0].energy_mj += 700_000
+        node.add_node_cpu(idle_seconds=40)
+        clock.advance(10)
+        sampler.sample()
+        containers, unattributed, total = gpu_energy(sampler.snapshot())
+        assert total == pytest.approx(700.0)
+        if not twin:
+            # 3g busy: 300 J active + its 3/7 of the 400 J idle; the 4g's 4/7 unallocated.
+            assert containers == pytest.approx({("lab", "nb", "jupyter"): 300 + 400 * 3 / 7})
+            assert unattributed["unallocated"] == pytest.approx(400 * 4 / 7)
+        else:
+            assert containers == {}
+            assert unattributed["unallocated"] == pytest.approx(700.0)
+        assert_conserved(sampler.snapshot())
+    finally:
+        client.close()
+        server.stop()

@@ -44,7 +44,7 @@ from kwatt.workloads.podresources import (
     PodResourcesClient,
     parse_device_id,
 )
-from kwatt.workloads.resourceslices import SliceStore
+from kwatt.workloads.resourceslices import DraDevice, SliceStore
 
 log = logging.getLogger("kwatt.gpu")
 
@@ -157,7 +157,7 @@ class GpuStage:
         mig_pids = {i.uuid: i.pids for g in cycle.gpus for i in g.instances}
         unresolved = 0
         if allocations is not None:
-            resolved, unresolved = self._resolve_claims(claims)
+            resolved, unresolved = self._resolve_claims(claims, allocations, cycle.gpus)
             holders, mig_holders, rows = self._holders_from_allocations(
                 (*((a, parse_device_id(a.device_id)) for a in allocations), *resolved),
                 cycle.gpus, workloads)
@@ -257,17 +257,25 @@ class GpuStage:
         (found,) = candidates
         return tuple(found if h == unmatched[0] else h for h in holders)
 
-    def _resolve_claims(self, claims: tuple[ClaimAllocation, ...]
+    def _resolve_claims(self, claims: tuple[ClaimAllocation, ...],
+                        allocations: tuple[DeviceAllocation, ...],
+                        gpus: tuple[GpuReading, ...]
                         ) -> tuple[list[tuple[DeviceAllocation, DeviceRef]], int]:
         """DRA devices as (allocation, GPU or MIG ref) through the ResourceSlices, with
         ``resource`` the claim's driver; and how many distinct devices no slice names."""
         resolved: list[tuple[DeviceAllocation, DeviceRef]] = []
         unknown: set[tuple[str, str, str]] = set()
+        found = {key: self._slices.lookup(*key) if self._slices is not None else None
+                 for key in {(c.driver, c.pool, c.device) for c in claims}}
+        dynamic_mig = self._dynamic_mig(found, allocations, gpus)
         for c in claims:
-            device = self._slices.lookup(c.driver, c.pool, c.device) \
-                if self._slices is not None else None
+            key = (c.driver, c.pool, c.device)
+            device = found[key]
             allocation = DeviceAllocation(c.namespace, c.pod, c.container, c.driver,
                                           f"{c.driver}/{c.pool}/{c.device}")
+            if key in dynamic_mig:
+                resolved.append((allocation, DeviceRef("mig", dynamic_mig[key])))
+                continue
             if device is None or not device.uuid:
                 unknown.add((c.driver, c.pool, c.device))
                 self._ratelog.log(
@@ -280,6 +288,30 @@ class GpuStage:
             kind = "mig" if device.kind == "mig" or device.uuid.startswith("MIG-") else "gpu"
             resolved.append((allocation, DeviceRef(kind, device.uuid)))
         return resolved, len(unknown)
+
+    @staticmethod
+    def _dynamic_mig(found: Mapping[tuple[str, str, str], DraDevice | None],
+                     allocations: tuple[DeviceAllocation, ...],
+                     gpus: tuple[GpuReading, ...]) -> dict[tuple[str, str, str], str]:
+        """MIG devices the driver publishes without a UUID (created when a claim is
+        prepared) matched to NVML instances: by parent GPU and profile, only where one
+        claimed device and one instance nobody else names share them."""
+        named = {parse_device_id(a.device_id).value for a in allocations}
+        named |= {d.uuid for d in found.values() if d is not None and d.uuid}
+        wanted: dict[tuple[str, str], list[tuple[str, str, str]]] = {}
+        for key, device in found.items():
+            if device is not None and not device.uuid and device.kind == "mig" \
+                    and device.parent_uuid and device.profile:
+                wanted.setdefault((device.parent_uuid, device.profile), []).append(key)
+        out: dict[tuple[str, str, str], str] = {}
+        for gpu in gpus:
+            for profile in {p for parent, p in wanted if parent == gpu.uuid}:
+                candidates = [i.uuid for i in gpu.instances
+                              if i.profile == profile and i.uuid not in named]
+                keys = wanted[(gpu.uuid, profile)]
+                if len(candidates) == 1 and len(keys) == 1:
+                    out[keys[0]] = candidates[0]
+        return out
 
     def _holders_from_allocations(
             self, allocations: tuple[tuple[DeviceAllocation, DeviceRef], ...],

@@ -5,8 +5,13 @@ device), e.g. (``gpu.nvidia.com``, ``node-a``, ``gpu-0``). The driver that publi
 device says what it is in the device's attributes. NVIDIA's DRA driver
 (NVIDIA/k8s-dra-driver-gpu, cmd/gpu-kubelet-plugin/deviceinfo.go) publishes on every device
 ``type`` (``gpu`` or ``mig``) and ``uuid`` (NVML's ``GPU-...`` or ``MIG-...``), and on MIG
-devices also ``parentUUID`` (the physical GPU). Attributes are read both unqualified and
-qualified with the driver's domain (``gpu.nvidia.com/uuid``), as the API allows either.
+devices also ``parentUUID`` (the physical GPU) and ``profile``. With its DynamicMIG feature
+gate, MIG devices are abstract until a claim is prepared and carry no ``uuid``
+(kubernetes-sigs/dra-driver-nvidia-gpu, where the driver now lives:
+cmd/gpu-kubelet-plugin/partitions.go and ``CommonAttributesMig``); the GPU stage then
+matches them to an NVML instance by parent and profile where that is unambiguous.
+Attributes are read both unqualified and qualified with the driver's domain
+(``gpu.nvidia.com/uuid``), as the API allows either.
 
 Only the newest generation of each pool counts: a driver that republishes a pool bumps
 ``spec.pool.generation`` and slices of older generations are stale until deleted.
@@ -39,6 +44,7 @@ class DraDevice:
     uuid: str  # GPU-... or MIG-...; empty when the driver publishes none
     kind: str  # "gpu", "mig" or whatever else the driver says
     parent_uuid: str = ""
+    profile: str = ""  # MIG profile, e.g. 3g.20gb
 
 
 def _attribute(attributes: Mapping[str, Any], driver: str, name: str) -> str:
@@ -80,7 +86,8 @@ def slice_devices(obj: Mapping[str, Any]) -> tuple[str, int, tuple[DraDevice, ..
         devices.append(DraDevice(
             driver, pool_name, clean_text(device["name"]),
             _attribute(attributes, driver, "uuid"), _attribute(attributes, driver, "type"),
-            _attribute(attributes, driver, "parentUUID")))
+            _attribute(attributes, driver, "parentUUID"),
+            _attribute(attributes, driver, "profile")))
     return f"{driver}\x00{pool_name}", generation, tuple(devices)
 
 
