@@ -150,6 +150,7 @@ class FakeKubeApi:
         self.ignore_field_selector = False
         self.owner_fail_status: int | None = None
         self.slice_fail_status: int | None = None  # answer resourceslice requests with this
+        self.slice_versions = {"v1"}  # resource.k8s.io versions served (older servers: beta)
         self.replicasets: dict[tuple[str, str], dict[str, Any]] = {}
         self.jobs: dict[tuple[str, str], dict[str, Any]] = {}
         self.requests: list[Request] = []
@@ -272,8 +273,11 @@ class FakeKubeApi:
         segments = [s for s in parts.path.split("/") if s]
         if parts.path == "/api/v1/pods" or (len(segments) == 5 and segments[4] == "pods"):
             self._pods(handler, query)
-        elif parts.path == SLICES_PATH:
-            if self.slice_fail_status is not None:
+        elif len(segments) == 4 and segments[:2] == ["apis", "resource.k8s.io"] \
+                and segments[3] == "resourceslices":
+            if segments[2] not in self.slice_versions:
+                self._json(handler, 404, self._status(404, "NotFound", handler.path))
+            elif self.slice_fail_status is not None:
                 self._json(handler, self.slice_fail_status, self._status(
                     self.slice_fail_status, "Forbidden", "injected failure"))
             else:

@@ -346,3 +346,40 @@ def test_dynamic_mig_devices_match_by_parent_and_profile(sim, clock: FakeClock,
     finally:
         client.close()
         server.stop()
+
+
+@pytest.mark.parametrize("versions", [{"v1beta1"}, set()])
+def test_older_api_servers_beta_slices_or_none(tmp_path: Path, versions: set[str]) -> None:
+    """Before 1.34 only beta versions are served: v1beta1 (attributes under "basic") is
+    read. An API with no ResourceSlices at all (no DRA) is not a fault: the watch stops and
+    the source is not reported."""
+    api = FakeKubeApi()
+    api.slice_versions = versions
+    api.add(make_resource_slice("node-a-gpu", [{"name": "gpu-0", "basic": {"attributes": {
+        "type": {"string": "gpu"}, "uuid": {"string": "GPU-0"}}}}]))
+    with api.serve() as url:
+        config = kube_config(write_kubeconfig(tmp_path / "kubeconfig", url), "--gpu", "auto")
+        store = SliceStore()
+        parts = build_kubernetes(config, settings=FAST, slices=store)
+        assert parts.slices is not None
+        parts.slices.start()
+        try:
+            if versions:
+                wait_until(lambda: store.lookup(DRA_DRIVER, NODE, "gpu-0") is not None,
+                           what="beta list")
+                assert parts.slices.api_version == "v1beta1"
+                assert parts.stage.sample(0.0, {}).source_up["resourceslices"] is True
+            else:
+                wait_until(lambda: parts.slices is not None and not parts.slices.served,
+                           what="given up")
+                parts.slices.join(5)
+                result = parts.stage.sample(0.0, {})
+                assert "resourceslices" not in result.source_up
+                assert not [f for f in result.faults if f.source == "resourceslices"]
+            paths = {r.path for r in api.requests if r.path.endswith("/resourceslices")}
+            assert paths == {f"/apis/resource.k8s.io/{v}/resourceslices"
+                             for v in ("v1", "v1beta2", "v1beta1")}
+        finally:
+            parts.slices.stop()
+            api.close_watches()
+            parts.slices.join(5)

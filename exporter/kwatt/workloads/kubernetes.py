@@ -116,7 +116,7 @@ class KubernetesHealthStage:
                workloads: Mapping[CgroupIdentity, WorkloadLabels | None]) -> StageResult:
         up, faults = self._watcher.health.drain()
         source_up = {SOURCE: up}
-        if self._slices is not None:
+        if self._slices is not None and self._slices.served:
             slices_up, slice_faults = self._slices.health.drain()
             source_up[resourceslices.SOURCE] = slices_up
             faults = [*faults, *slice_faults]

@@ -22,6 +22,7 @@ RBAC: ``list`` and ``watch`` on ``resource.k8s.io/resourceslices`` (the chart gr
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,8 +31,13 @@ from typing import Any
 from kwatt.text import clean_text
 from kwatt.workloads.podwatch import ListWatcher
 
+log = logging.getLogger("kwatt.kubernetes")
+
 SOURCE = "resourceslices"
-PATH = "/apis/resource.k8s.io/v1/resourceslices"
+# Newest first. Before Kubernetes 1.34 only beta versions are served (v1beta2 has v1's
+# layout; v1beta1 wraps attributes in "basic"); an API that serves none has no DRA at all.
+API_VERSIONS = ("v1", "v1beta2", "v1beta1")
+PATH = f"/apis/resource.k8s.io/{API_VERSIONS[0]}/resourceslices"
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,30 @@ class ResourceSliceWatcher(ListWatcher):
                  **kwargs: Any) -> None:
         super().__init__(api_client, node_name, **kwargs)
         self.store = store
+        self.api_version = API_VERSIONS[0]
+        # False once the API server answered 404 for every version: it has no DRA, so
+        # there is nothing to watch and nothing to report as down.
+        self.served = True
+
+    def _list(self, consistent: bool) -> str:
+        from kubernetes.client.exceptions import ApiException
+
+        while True:
+            try:
+                return super()._list(consistent)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                position = API_VERSIONS.index(self.api_version) + 1
+                if position == len(API_VERSIONS):
+                    self.served = False
+                    log.info("the API server serves no ResourceSlices (no DRA); not "
+                             "watching them", extra={"source": SOURCE,
+                                                     "versions": ",".join(API_VERSIONS)})
+                    self.stop()
+                    raise
+                self.api_version = API_VERSIONS[position]
+                self.path = f"/apis/resource.k8s.io/{self.api_version}/resourceslices"
 
     def _replace(self, items: list[Mapping[str, Any]]) -> None:
         self.store.replace_all({name: item for item in items
