@@ -383,3 +383,35 @@ def test_older_api_servers_beta_slices_or_none(tmp_path: Path, versions: set[str
             parts.slices.stop()
             api.close_watches()
             parts.slices.join(5)
+
+
+def test_unplaced_claim_spreads_over_unheld_gpus_that_answer(sim, clock: FakeClock,
+                                                             tmp_path: Path) -> None:
+    """One claim on a device no slice names, three unheld GPUs of which one is lost: the
+    two that answer each book half their energy as unidentified (min(1, 2) / 2)."""
+    node: SimulatedNode = sim()
+    namer = NamesNamer()
+    server = PodResourcesServer(str(tmp_path / "kubelet.sock")).start()
+    server.lister.dra = [DraAllocation("lab", "job", "main", "job-gpu",
+                                       [(DRA_DRIVER, NODE, "gpu-9")])]
+    fake = FakeNvml([FakeGpu("GPU-0"), FakeGpu("GPU-1"), FakeGpu("GPU-2")])
+    reader = GpuReader(fake, clock)
+    reader.start()
+    client = PodResourcesClient(server.socket_path, PATTERNS, dra_drivers=(DRA_DRIVER,))
+    stage = GpuStage(reader, client, str(node.procfs), slices=_store(_slices()))
+    sampler = Sampler(node_config(node), namer, clock=clock, stages=[stage])
+    try:
+        sampler.sample()
+        fake.gpus[2].lost = True
+        for gpu in fake.gpus:
+            gpu.energy_mj += 1_000_000
+        node.add_node_cpu(idle_seconds=40)
+        clock.advance(10)
+        sampler.sample()
+        _, unattributed, total = gpu_energy(sampler.snapshot())
+        assert total == pytest.approx(2000.0)
+        assert unattributed["unidentified"] == pytest.approx(1000.0)
+        assert unattributed["unallocated"] == pytest.approx(1000.0)
+    finally:
+        client.close()
+        server.stop()

@@ -176,7 +176,8 @@ class GpuStage:
         gpu_rows: list[GpuRow] = []
         # DRA devices no ResourceSlice names are held, but on which GPUs kwatt cannot say:
         # the whole GPUs nobody holds share that much of their energy as unidentified.
-        unheld = [g for g in cycle.gpus if not g.mig_enabled and not holders.get(g.uuid)]
+        unheld = [g for g in cycle.gpus if g.up and g.joules is not None
+                  and not (g.mig_enabled and g.instances) and not holders.get(g.uuid)]
         unidentified_share = min(unresolved, len(unheld)) / len(unheld) if unheld else 0.0
         for gpu in cycle.gpus:
             interval = self._interval(gpu, holders.get(gpu.uuid, ()), mig_holders, seen_pids,
