@@ -352,7 +352,7 @@ def test_dynamic_mig_devices_match_by_parent_and_profile(sim, clock: FakeClock,
 def test_older_api_servers_beta_slices_or_none(tmp_path: Path, versions: set[str]) -> None:
     """Before 1.34 only beta versions are served: v1beta1 (attributes under "basic") is
     read. An API with no ResourceSlices at all (no DRA) is not a fault: the watch stops and
-    the source is not reported."""
+    the source stays up (nothing to read), so no stale 0 is left behind."""
     api = FakeKubeApi()
     api.slice_versions = versions
     api.add(make_resource_slice("node-a-gpu", [{"name": "gpu-0", "basic": {"attributes": {
@@ -374,7 +374,7 @@ def test_older_api_servers_beta_slices_or_none(tmp_path: Path, versions: set[str
                            what="given up")
                 parts.slices.join(5)
                 result = parts.stage.sample(0.0, {})
-                assert "resourceslices" not in result.source_up
+                assert result.source_up["resourceslices"] is True
                 assert not [f for f in result.faults if f.source == "resourceslices"]
             paths = {r.path for r in api.requests if r.path.endswith("/resourceslices")}
             assert paths == {f"/apis/resource.k8s.io/{v}/resourceslices"

@@ -116,9 +116,10 @@ class KubernetesHealthStage:
                workloads: Mapping[CgroupIdentity, WorkloadLabels | None]) -> StageResult:
         up, faults = self._watcher.health.drain()
         source_up = {SOURCE: up}
-        if self._slices is not None and self._slices.served:
+        if self._slices is not None:
             slices_up, slice_faults = self._slices.health.drain()
-            source_up[resourceslices.SOURCE] = slices_up
+            # An API server without ResourceSlices has no DRA: nothing to read is not down.
+            source_up[resourceslices.SOURCE] = slices_up or not self._slices.served
             faults = [*faults, *slice_faults]
         self._store.prune()
         splits: tuple[ComponentSplit[Hashable], ...] = ()

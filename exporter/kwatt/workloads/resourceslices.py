@@ -168,7 +168,7 @@ class ResourceSliceWatcher(ListWatcher):
         self.store = store
         self.api_version = API_VERSIONS[0]
         # False once the API server answered 404 for every version: it has no DRA, so
-        # there is nothing to watch and nothing to report as down.
+        # there is nothing to watch and the source is reported up.
         self.served = True
 
     def _list(self, consistent: bool) -> str:
