@@ -1,9 +1,10 @@
 """Sampler cycle time added by GPUs: 8 GPUs (4 exclusive, 4 time-sliced), 64 GPU processes.
 
 Runs the real sampler on a simulated node with the fake NVML backend, once with the
-kubelet PodResources API (a real gRPC server on a unix socket) and once in host mode (holders
-from NVML's process list), and prints the median and p95 cycle time with and without the
-GPU stage, and how many NVML calls one cycle makes.
+kubelet PodResources API (a real gRPC server on a unix socket), once with the same GPUs
+claimed through DRA (``dynamic_resources`` + a ResourceSlice store in the NVIDIA driver's
+layout) and once in host mode (holders from NVML's process list), and prints the median and
+p95 cycle time with and without the GPU stage, and how many NVML calls one cycle makes.
 
     .venv/bin/python benchmarks/bench_gpu.py [cycles]
 
@@ -20,13 +21,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from fake_kube_api import DRA_DRIVER, make_resource_slice, nvidia_gpu_device
 from kwatt.config import load_config
 from kwatt.gpu_stage import GpuStage
 from kwatt.sampler import EnergyStage, Sampler
 from kwatt.sources.nvml import GpuReader, ProcessSample
 from kwatt.workloads.podresources import PodResourcesClient
+from kwatt.workloads.resourceslices import SliceStore
 from nvml_fake import FakeGpu, FakeNvml
-from podresources_server import Allocation, PodResourcesServer
+from podresources_server import Allocation, DraAllocation, PodResourcesServer
 from simnode import SimulatedNode, container_id, pod_uid
 from test_gpu_stage import NamesNamer, run_process
 
@@ -83,7 +86,7 @@ def advance(node: SimulatedNode, fake: FakeNvml, stamp: int, clock: Clock) -> No
     clock.now += 5.0
 
 
-def measure(root: Path, cycles: int, mode: str) -> tuple[list[float], int]:
+def measure(root: Path, cycles: int, mode: str) -> tuple[list[float], int, float]:
     node, namer, fake, allocations = build(root)
     config = load_config(["--path.sysfs", str(node.sysfs), "--path.procfs", str(node.procfs),
                           "--kubernetes", "off", "--gpu", "off"], env={})
@@ -94,11 +97,25 @@ def measure(root: Path, cycles: int, mode: str) -> tuple[list[float], int]:
     if mode != "none":
         reader = GpuReader(fake, clock)
         reader.start()
+        slices = None
         if mode == "kubelet":
             server = PodResourcesServer(str(root / "kubelet.sock")).start()
             server.lister.allocations = allocations
             client = PodResourcesClient(server.socket_path, ("nvidia.com/gpu",))
-        stages.append(GpuStage(reader, client, str(node.procfs)))
+        elif mode == "dra":
+            # The same holders, each through its own claim on the GPU's DRA device.
+            server = PodResourcesServer(str(root / "kubelet.sock")).start()
+            server.lister.dra = [
+                DraAllocation(a.namespace, a.pod, a.container, f"{a.pod}-gpu",
+                              [(DRA_DRIVER, "node", f"gpu-{int(a.device_ids[0][4:6])}")])
+                for a in allocations]
+            client = PodResourcesClient(server.socket_path, ("nvidia.com/gpu",),
+                                        dra_drivers=(DRA_DRIVER,))
+            slices = SliceStore()
+            slices.replace_all({"node": make_resource_slice("node", [
+                nvidia_gpu_device(int(g.uuid[4:6]), g.uuid) for g in fake.gpus],
+                node="node", pool="node")})
+        stages.append(GpuStage(reader, client, str(node.procfs), slices=slices))
     sampler = Sampler(config, namer, clock=clock, stages=stages)
     sampler.sample()
     times = []
@@ -109,27 +126,33 @@ def measure(root: Path, cycles: int, mode: str) -> tuple[list[float], int]:
         sampler.sample()
         times.append(time.perf_counter() - started)
     calls = (fake.calls - calls_before) // cycles
+    # Share of GPU energy charged to containers: 1.0 when every holder was found.
+    snap = sampler.snapshot()
+    node_gpu = sum(j for c, _, j in snap.node_energy if c == "gpu")
+    charged = sum(dict(r.energy).get("gpu", 0.0) for r in snap.containers)
+    charged_share = charged / node_gpu if node_gpu else 0.0
     if server is not None:
         if client is not None:
             client.close()
         server.stop()
-    return times, calls
+    return times, calls, charged_share
 
 
 def main() -> None:
     cycles = int(sys.argv[1]) if len(sys.argv) > 1 else 100
     results = {}
-    for mode in ("none", "kubelet", "host"):
+    for mode in ("none", "kubelet", "dra", "host"):
         with tempfile.TemporaryDirectory() as tmp:
             results[mode] = measure(Path(tmp), cycles, mode)
     base = statistics.median(results["none"][0])
     print(f"bench_gpu: {GPUS} GPUs ({SHARED} time-sliced x {PER_SHARED}), "
           f"64 GPU processes, {CPU_ONLY_CONTAINERS} CPU-only containers, {cycles} cycles")
-    for mode, (times, calls) in results.items():
+    for mode, (times, calls, charged) in results.items():
         median = statistics.median(times)
         p95 = sorted(times)[int(0.95 * (len(times) - 1))]
         added = "" if mode == "none" else f"  added by GPUs {1000 * (median - base):6.2f} ms"
-        nvml = "" if mode == "none" else f"  NVML calls/cycle {calls}"
+        nvml = "" if mode == "none" else \
+            f"  NVML calls/cycle {calls}  GPU energy charged {100 * charged:.0f} %"
         print(f"  {mode:8s} cycle median {1000 * median:6.2f} ms  p95 {1000 * p95:6.2f} ms"
               f"{added}{nvml}")
 

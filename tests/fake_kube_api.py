@@ -1,9 +1,11 @@
-"""A local HTTP server that speaks enough of the Kubernetes API for kwatt's pod watcher.
+"""A local HTTP server that speaks enough of the Kubernetes API for kwatt's watchers.
 
-Serves ``/api/v1/pods`` list and watch (chunked, one JSON event per line, bookmarks, 410 Gone
-as an ERROR event or as an HTTP status), single ReplicaSets and Jobs for owner lookups, and
-can be told to answer 500, 403 or to hang. The real ``kubernetes`` client talks to it through
-a kubeconfig written by ``write_kubeconfig``.
+Serves ``/api/v1/pods`` and ``/apis/resource.k8s.io/v1/resourceslices`` list and watch
+(chunked, one JSON event per line, bookmarks, 410 Gone as an ERROR event or as an HTTP
+status), single ReplicaSets and Jobs for owner lookups, and can be told to answer 500, 403
+or to hang. ResourceSlices (``make_resource_slice``) follow the layout of NVIDIA's DRA
+driver; they share the pods' resourceVersion history, as objects of one etcd do. The real
+``kubernetes`` client talks to it through a kubeconfig written by ``write_kubeconfig``.
 """
 
 from __future__ import annotations
@@ -55,6 +57,59 @@ def owner_ref(kind: str, name: str, uid: str = "") -> dict[str, Any]:
     return {"apiVersion": API_VERSIONS.get(kind, "example.com/v1"), "kind": kind,
             "name": name, "uid": uid or owner_uid(kind, name), "controller": True,
             "blockOwnerDeletion": True}
+
+
+SLICES_PATH = "/apis/resource.k8s.io/v1/resourceslices"
+DRA_DRIVER = "gpu.nvidia.com"
+
+
+def _attrs(**values: str) -> dict[str, dict[str, str]]:
+    return {name: ({"version": v} if name.endswith("Version") or name.endswith(
+        "Capability") else {"string": v}) for name, v in values.items()}
+
+
+def nvidia_gpu_device(minor: int, uuid: str, product: str = "NVIDIA H100 80GB HBM3"
+                      ) -> dict[str, Any]:
+    """A whole GPU as NVIDIA's DRA driver publishes it (k8s-dra-driver-gpu,
+    cmd/gpu-kubelet-plugin/deviceinfo.go: name gpu-<minor>, attributes type, uuid, ...)."""
+    return {"name": f"gpu-{minor}", "attributes": _attrs(
+        type="gpu", uuid=uuid, productName=product, brand="Nvidia", architecture="Hopper",
+        cudaComputeCapability="9.0.0", driverVersion="550.54.15",
+        cudaDriverVersion="12.4.0", pcieBusID=f"0000:{minor + 0x18:02x}:00.0"),
+        "capacity": {"memory": {"value": "80Gi"}}}
+
+
+def nvidia_mig_device(parent_minor: int, parent_uuid: str, uuid: str, profile: str,
+                      profile_id: int, start: int, size: int) -> dict[str, Any]:
+    """A MIG device as NVIDIA's DRA driver publishes it: name
+    gpu-<minor>-mig-<profile id>-<start>-<size>, attributes type=mig, uuid, parentUUID."""
+    return {"name": f"gpu-{parent_minor}-mig-{profile_id}-{start}-{size}",
+            "attributes": _attrs(type="mig", uuid=uuid, parentUUID=parent_uuid,
+                                 profile=profile, productName="NVIDIA A100-SXM4-40GB",
+                                 driverVersion="550.54.15"),
+            "capacity": {"multiprocessors": {"value": "42"}}}
+
+
+def nvidia_dynamic_mig_device(parent_minor: int, parent_uuid: str, profile: str,
+                              start: int) -> dict[str, Any]:
+    """An abstract MIG device of the driver's DynamicMIG mode (kubernetes-sigs/
+    dra-driver-nvidia-gpu, partitions.go, CommonAttributesMig): no uuid until prepared."""
+    return {"name": f"gpu-{parent_minor}-mig-{profile.replace('.', '')}-{start}",
+            "attributes": _attrs(type="mig", parentUUID=parent_uuid, profile=profile,
+                                 productName="NVIDIA A100-SXM4-40GB")}
+
+
+def make_resource_slice(name: str, devices: list[dict[str, Any]], *, node: str = "node-a",
+                        driver: str = DRA_DRIVER, pool: str | None = None,
+                        generation: int = 1) -> dict[str, Any]:
+    """A resource.k8s.io/v1 ResourceSlice of one node (the pool is named after the node,
+    as NVIDIA's driver does). ``metadata.uid`` is the key the fake stores it under."""
+    return {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
+            "metadata": {"name": name, "uid": f"slice-{name}"},
+            "spec": {"driver": driver, "nodeName": node,
+                     "pool": {"name": pool or node, "generation": generation,
+                              "resourceSliceCount": 1},
+                     "devices": devices}}
 
 
 def make_pod(name: str, *, namespace: str = "default", uid: str | None = None,
@@ -121,6 +176,8 @@ class FakeKubeApi:
         # aggregators do.
         self.ignore_field_selector = False
         self.owner_fail_status: int | None = None
+        self.slice_fail_status: int | None = None  # answer resourceslice requests with this
+        self.slice_versions = {"v1"}  # resource.k8s.io versions served (older servers: beta)
         self.replicasets: dict[tuple[str, str], dict[str, Any]] = {}
         self.jobs: dict[tuple[str, str], dict[str, Any]] = {}
         self.nodes: dict[str, dict[str, Any]] = {}  # name -> Node object (GET only)
@@ -276,6 +333,15 @@ class FakeKubeApi:
         segments = [s for s in parts.path.split("/") if s]
         if parts.path == "/api/v1/pods" or (len(segments) == 5 and segments[4] == "pods"):
             self._pods(handler, query)
+        elif len(segments) == 4 and segments[:2] == ["apis", "resource.k8s.io"] \
+                and segments[3] == "resourceslices":
+            if segments[2] not in self.slice_versions:
+                self._json(handler, 404, self._status(404, "NotFound", handler.path))
+            elif self.slice_fail_status is not None:
+                self._json(handler, self.slice_fail_status, self._status(
+                    self.slice_fail_status, "Forbidden", "injected failure"))
+            else:
+                self._pods(handler, query, kind="ResourceSlice")
         elif len(segments) == 7 and segments[:2] == ["apis", "apps"] \
                 and segments[5] == "replicasets":
             self._owner(handler, self.replicasets.get((segments[4], segments[6])))
@@ -324,7 +390,8 @@ class FakeKubeApi:
             return bool(pod["spec"].get("nodeName") == selector[len("spec.nodeName="):])
         return True
 
-    def _pods(self, handler: BaseHTTPRequestHandler, query: dict[str, str]) -> None:
+    def _pods(self, handler: BaseHTTPRequestHandler, query: dict[str, str],
+              kind: str = "Pod") -> None:
         with self.cond:
             hang, fail = self.hang, self.fail_status
             generation = self._close_watches
@@ -338,11 +405,12 @@ class FakeKubeApi:
             self._json(handler, fail, self._status(fail, "InternalError", "injected failure"))
             return
         if query.get("watch") in ("true", "1"):
-            self._watch(handler, query)
+            self._watch(handler, query, kind)
             return
         with self.cond:
-            items = [p for p in self.pods.values() if self._selected(p, query)]
-            body = {"kind": "PodList", "apiVersion": "v1",
+            items = [p for p in self.pods.values()
+                     if p.get("kind", "Pod") == kind and self._selected(p, query)]
+            body = {"kind": f"{kind}List", "apiVersion": "v1",
                     "metadata": {"resourceVersion": str(self.rv)}, "items": items}
         self._json(handler, 200, body)
 
@@ -351,7 +419,8 @@ class FakeKubeApi:
                 or self._bookmark_pending != bookmarks_seen
                 or (not self.hang_watch and any(rv > sent_rv for rv, _, _ in self.events)))
 
-    def _watch(self, handler: BaseHTTPRequestHandler, query: dict[str, str]) -> None:
+    def _watch(self, handler: BaseHTTPRequestHandler, query: dict[str, str],
+               object_kind: str = "Pod") -> None:
         start_rv = int(query.get("resourceVersion") or "0")
         timeout = float(query.get("timeoutSeconds") or "30")
         with self.cond:
@@ -391,7 +460,8 @@ class FakeKubeApi:
                         break
                     pending = [] if self.hang_watch else [
                         (rv, kind, obj) for rv, kind, obj in self.events
-                        if rv > sent_rv and self._selected(obj, query)]
+                        if rv > sent_rv and obj.get("kind", "Pod") == object_kind
+                        and self._selected(obj, query)]
                     if not self.hang_watch:
                         sent_rv = max([sent_rv, *(rv for rv, _, _ in self.events)])
                     bookmark = self._bookmark_pending != bookmarks_seen
@@ -401,7 +471,7 @@ class FakeKubeApi:
                     send({"type": kind, "object": obj})
                 if bookmark and query.get("allowWatchBookmarks") == "true":
                     send({"type": "BOOKMARK", "object": {
-                        "kind": "Pod", "apiVersion": "v1",
+                        "kind": object_kind, "apiVersion": "v1",
                         "metadata": {"resourceVersion": str(current_rv)}}})
             handler.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):

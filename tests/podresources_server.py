@@ -1,7 +1,9 @@
 """A real kubelet PodResources v1 gRPC server on a unix socket, for tests.
 
 It serves whatever allocations the test puts in ``allocations`` (mutable between calls) and
-can be told to hang, to exercise the client's per-call deadline, or to take time over each
+DRA allocations (``dra``: ResourceClaim devices per container, as the kubelet reports them in
+``dynamic_resources`` since Kubernetes 1.34) are served next to device-plugin ones. It can
+be told to hang, to exercise the client's per-call deadline, or to take time over each
 ``List`` (``on_list`` runs before it answers: a test advances its fake clock there, so a
 slow kubelet is modelled without depending on wall-clock speed).
 """
@@ -29,8 +31,21 @@ class Allocation:
 
 
 @dataclass
+class DraAllocation:
+    """One ResourceClaim used by one container; devices are (driver, pool, device)."""
+
+    namespace: str
+    pod: str
+    container: str
+    claim: str
+    devices: list[tuple[str, str, str]]
+    claim_namespace: str | None = None  # default: the pod's namespace
+
+
+@dataclass
 class Lister(pb_grpc.PodResourcesListerServicer):  # type: ignore[misc]
     allocations: list[Allocation] = field(default_factory=list)
+    dra: list[DraAllocation] = field(default_factory=list)
     allocatable: dict[str, list[str]] = field(default_factory=dict)
     hang: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
@@ -44,15 +59,27 @@ class Lister(pb_grpc.PodResourcesListerServicer):  # type: ignore[misc]
         if self.hang.is_set():
             self.release.wait(10)
         pods: dict[tuple[str, str], Any] = {}
-        for a in self.allocations:
-            pod = pods.get((a.namespace, a.pod))
+
+        def container_of(namespace: str, pod_name: str, name: str) -> Any:
+            pod = pods.get((namespace, pod_name))
             if pod is None:
-                pod = pods[(a.namespace, a.pod)] = pb.PodResources(
-                    name=a.pod, namespace=a.namespace)
-            container = next((c for c in pod.containers if c.name == a.container), None)
+                pod = pods[(namespace, pod_name)] = pb.PodResources(
+                    name=pod_name, namespace=namespace)
+            container = next((c for c in pod.containers if c.name == name), None)
             if container is None:
-                container = pod.containers.add(name=a.container)
+                container = pod.containers.add(name=name)
+            return container
+
+        for a in self.allocations:
+            container = container_of(a.namespace, a.pod, a.container)
             container.devices.add(resource_name=a.resource, device_ids=a.device_ids)
+        for d in self.dra:
+            container = container_of(d.namespace, d.pod, d.container)
+            container.dynamic_resources.add(
+                claim_name=d.claim, claim_namespace=d.claim_namespace or d.namespace,
+                claim_resources=[pb.ClaimResource(driver_name=driver, pool_name=pool,
+                                                  device_name=device)
+                                 for driver, pool, device in d.devices])
         return pb.ListPodResourcesResponse(pod_resources=list(pods.values()))
 
     def GetAllocatableResources(self, request: Any, context: Any) -> Any:

@@ -467,9 +467,11 @@ def test_cluster_role_is_least_privilege_and_commented() -> None:
         {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
          "verbs": get},
         {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": get},
+        {"apiGroups": ["resource.k8s.io"], "resources": ["resourceslices"],
+         "verbs": ["list", "watch"]},
     ]
     without = only(render("default", "--set", "rbac.ownerLookups=false"), "ClusterRole")
-    assert without["rules"] == role["rules"][:1]
+    assert without["rules"] == role["rules"][:1] + role["rules"][-1:]
     template = (CHART / "templates" / "clusterrole.yaml").read_text().splitlines()
     for index, line in enumerate(template):
         if line.strip().startswith("- apiGroups:"):
@@ -491,7 +493,7 @@ def test_owner_kinds_are_granted_get_and_read_by_the_exporter_alike(tmp_path: Pa
     the exporter's own config loader accepts the list."""
     docs = render("default", "--set", "rbac.ownerKinds={jobs.batch,rayclusters.ray.io,"
                   "notebooks.kubeflow.org}")
-    assert only(docs, "ClusterRole")["rules"][1:] == [
+    assert only(docs, "ClusterRole")["rules"][1:-1] == [
         {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get"]},
         {"apiGroups": ["kubeflow.org"], "resources": ["notebooks"], "verbs": ["get"]},
         {"apiGroups": ["ray.io"], "resources": ["rayclusters"], "verbs": ["get"]},
@@ -507,6 +509,23 @@ def test_owner_kinds_are_granted_get_and_read_by_the_exporter_alike(tmp_path: Pa
     bad = helm("template", RELEASE, str(CHART), "--set", "rbac.ownerKinds={Jobs}",
                check=False)
     assert bad.returncode != 0 and "ownerKinds" in bad.stderr
+
+
+def test_resource_slice_rule_and_the_exporter_flag_follow_one_value() -> None:
+    """DRA: the ResourceSlice rule exists only when rbac.resourceSlices is on; off also
+    turns the exporter's ResourceSlice watch off, so it never collects 403s."""
+    on = render("default")
+    off = render("default", "--set", "rbac.resourceSlices=false")
+    slice_rule = {"apiGroups": ["resource.k8s.io"], "resources": ["resourceslices"],
+                  "verbs": ["list", "watch"]}
+    assert slice_rule in only(on, "ClusterRole")["rules"]
+    assert slice_rule not in only(off, "ClusterRole")["rules"]
+    args_on = pod_spec(on)["containers"][0]["args"]
+    args_off = pod_spec(off)["containers"][0]["args"]
+    assert not any(a.startswith("--gpu.dra") for a in args_on)
+    assert "--gpu.dra=off" in args_off
+    assert load_config([a for a in args_off if not a.startswith("--config")],
+                       env={"NODE_NAME": "n"}).gpu_dra == "off"
 
 
 # --------------------------------------------------------------------------- monitoring
@@ -784,8 +803,9 @@ def test_read_node_rule_only_when_enabled_and_commented() -> None:
     default = only(render("default"), "ClusterRole")["rules"]
     assert not any("nodes" in rule["resources"] for rule in default)
     rules = only(render("default", "--set", "rbac.readNode=true"), "ClusterRole")["rules"]
-    assert rules[-1] == {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}
-    assert rules[:-1] == default
+    node_rule = {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}
+    assert [rule for rule in rules if rule != node_rule] == default
+    assert rules.count(node_rule) == 1
 
 
 def test_signal_credentials_and_files_are_mounted_read_only(tmp_path: Path,

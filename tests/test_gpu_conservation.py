@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 from conftest import FakeClock, node_config
-from hypothesis import HealthCheck, given, settings
+from fake_kube_api import DRA_DRIVER, make_resource_slice, nvidia_gpu_device, nvidia_mig_device
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from kwatt.gpu_stage import GpuStage
 from kwatt.sampler import Sampler
 from kwatt.sources.nvml import GPU_BOUND_WATTS, GpuReader, MigInstance, ProcessSample
 from kwatt.workloads.podresources import PodResourcesClient
+from kwatt.workloads.resourceslices import SliceStore
 from nvml_fake import FakeGpu, FakeNvml
-from podresources_server import Allocation, PodResourcesServer
+from podresources_server import Allocation, DraAllocation, PodResourcesServer
 from simnode import SimulatedNode, container_id, pod_uid
 from test_conservation import _counters, _totals
 from test_gpu_stage import NamesNamer, run_process
@@ -23,6 +25,12 @@ from test_gpu_stage import NamesNamer, run_process
 REL = 1e-9
 HOLDERS = [("ml", f"p{i}", "c") for i in range(4)] + [("ml", "ghost", "c")]
 DEVICES = ["GPU-0", "GPU-1::0", "GPU-1::1", "nvidia3", "MIG-a", "MIG-b", "GPU-9"]
+# DRA devices as NVIDIA's driver names them; "gpu-7" names no GPU of the node.
+DRA_DEVICES = {"gpu-0": nvidia_gpu_device(0, "GPU-0"), "gpu-1": nvidia_gpu_device(1, "GPU-1"),
+               "gpu-3": nvidia_gpu_device(3, "GPU-3"),
+               "gpu-2-mig-9-0-4": nvidia_mig_device(2, "GPU-2", "MIG-a", "3g.20gb", 9, 0, 4),
+               "gpu-2-mig-5-4-4": nvidia_mig_device(2, "GPU-2", "MIG-b", "4g.20gb", 5, 4, 4),
+               "gpu-7": nvidia_gpu_device(7, "GPU-7")}
 
 gpu_step = st.fixed_dictionaries({
     "mj": st.integers(0, 5_000_000), "mw": st.integers(0, 700_000),
@@ -35,6 +43,12 @@ step = st.fixed_dictionaries({
     "gpus": st.lists(gpu_step, min_size=4, max_size=4),
     "allocations": st.lists(st.tuples(st.integers(0, len(HOLDERS) - 1),
                                       st.sampled_from(DEVICES)), max_size=8),
+    # DRA: (holder, device, claim) and which devices this node's ResourceSlices publish
+    # (slices change between steps; an unpublished device's GPU is unidentified).
+    "claims": st.lists(st.tuples(st.integers(0, len(HOLDERS) - 1),
+                                 st.sampled_from(sorted(DRA_DEVICES)), st.integers(0, 2)),
+                       max_size=6),
+    "published": st.sets(st.sampled_from(sorted(DRA_DEVICES))),
     "kubelet_down": st.booleans(),
     "mig_pids": st.lists(st.booleans(), min_size=2, max_size=2),
     "dt": st.floats(0.5, 30),
@@ -52,6 +66,12 @@ def kubelet() -> Iterator[PodResourcesServer]:
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(steps=st.lists(step, min_size=1, max_size=8))
+# A claimed device no slice names while three whole GPUs are unheld: a third of each is
+# unidentified, the rest unallocated.
+@example(steps=[{"gpus": [{"mj": 1_000_000, "mw": 0, "jump_mj": 0, "util": 0, "lost": False,
+                           "reset": False, "sm": [0, 0, 0, 0]}] * 4,
+                 "allocations": [], "claims": [(0, "gpu-7", 0)], "published": set(DRA_DEVICES),
+                 "kubelet_down": False, "mig_pids": [False, False], "dt": 10.0}])
 def test_gpu_energy_conserved_and_monotonic(kubelet: PodResourcesServer, steps) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         node = SimulatedNode(Path(tmp))
@@ -71,8 +91,10 @@ def test_gpu_energy_conserved_and_monotonic(kubelet: PodResourcesServer, steps) 
         clock = FakeClock()
         reader = GpuReader(fake, clock)
         reader.start()
-        client = PodResourcesClient(kubelet.socket_path, ("nvidia.com/*",))
-        stage = GpuStage(reader, client, str(node.procfs))
+        client = PodResourcesClient(kubelet.socket_path, ("nvidia.com/*",),
+                                    dra_drivers=(DRA_DRIVER,))
+        slices = SliceStore()
+        stage = GpuStage(reader, client, str(node.procfs), slices=slices)
         sampler = Sampler(node_config(node, "--retention", "24h"), namer, clock=clock,
                           stages=[stage])
         sampler.sample()
@@ -84,6 +106,12 @@ def test_gpu_energy_conserved_and_monotonic(kubelet: PodResourcesServer, steps) 
                 Allocation(HOLDERS[h][0], HOLDERS[h][1], HOLDERS[h][2],
                            "nvidia.com/mig-3g.20gb" if d.startswith("MIG") else "nvidia.com/gpu",
                            [d]) for h, d in s["allocations"]]
+            kubelet.lister.dra = [
+                DraAllocation(HOLDERS[h][0], HOLDERS[h][1], HOLDERS[h][2], f"claim-{claim}",
+                              [(DRA_DRIVER, "node-a", device)])
+                for h, device, claim in s["claims"]]
+            slices.replace_all({"node-a-gpus": make_resource_slice(
+                "node-a-gpus", [DRA_DEVICES[d] for d in sorted(s["published"])])})
             if s["kubelet_down"]:
                 kubelet.lister.hang.set()
                 client._timeout = 0.05
@@ -104,6 +132,7 @@ def test_gpu_energy_conserved_and_monotonic(kubelet: PodResourcesServer, steps) 
             kubelet.lister.hang.clear()
             kubelet.lister.release.set()
             kubelet.lister.release.clear()
+            kubelet.lister.dra = []
             client._timeout = 2.0
             snap = sampler.snapshot()
             parts = _totals(snap).get("gpu", {})

@@ -26,6 +26,10 @@ DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
 DEFAULT_POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
 DEFAULT_SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 DEFAULT_GPU_RESOURCE_NAMES = ("nvidia.com/gpu", "nvidia.com/mig-*")
+# DRA drivers whose devices are GPUs: NVIDIA's k8s-dra-driver-gpu registers gpu.nvidia.com
+# for whole GPUs and MIG devices alike.
+DEFAULT_GPU_DRA_DRIVERS = ("gpu.nvidia.com",)
+ON_OFF = ("on", "off")
 
 IDLE_POLICIES = ("unattributed", "even", "cpu-request")
 TRISTATE = ("auto", "on", "off")
@@ -126,6 +130,7 @@ class Config:
     pod_resources_socket: str = DEFAULT_POD_RESOURCES_SOCKET
     gpu: str = "auto"
     gpu_resource_names: tuple[str, ...] = DEFAULT_GPU_RESOURCE_NAMES
+    gpu_dra_drivers: tuple[str, ...] = DEFAULT_GPU_DRA_DRIVERS
     log_level: str = "info"
     log_format: str = "logfmt"
     retention_seconds: float = 300.0
@@ -146,6 +151,7 @@ class Config:
     state_file: str = ""  # restart state; empty: off
     otlp_endpoint: str = ""  # OTLP/HTTP metrics URL; empty: no push
     otlp_interval_seconds: float = 60.0
+    gpu_dra: str = "on"  # read ResourceSlices for DRA-allocated GPUs
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     carbon_source: SignalConfig = field(default_factory=SignalConfig)
@@ -238,6 +244,13 @@ def _choice(key: str, value: object, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def _on_off(key: str, value: object) -> str:
+    """on or off; YAML 1.1 reads a bare on/off/true/false as a boolean, which means the same."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return _choice(key, value, ON_OFF)
 
 
 def _string(key: str, value: object) -> str:
@@ -465,11 +478,16 @@ SETTINGS: tuple[Setting, ...] = (
             "DURATION"),
     *_signal_settings("carbon", "carbon_source", "carbon intensity", CARBON_KINDS),
     *_signal_settings("cost", "price_source", "energy price", PRICE_KINDS),
+    Setting("--gpu.dra", "gpu.dra", "gpu_dra", _on_off,
+            "on: map DRA-allocated GPUs to UUIDs through this node's ResourceSlices "
+            "(list+watch resource.k8s.io/v1 resourceslices); off: do not read them "
+            "(default on)", "MODE"),
 )
 
 # Keys only the YAML file (or env) sets: nested and rarely changed.
 FILE_ONLY: dict[str, tuple[str, Callable[[str, object], Any]]] = {
     "gpu.resource_names": ("gpu_resource_names", _string_list),
+    "gpu.dra_drivers": ("gpu_dra_drivers", _string_list),
     "kubernetes.pod_label_allowlist": ("pod_label_allowlist", _string_list),
     "kubernetes.service_account_dir": ("service_account_dir", _string),
     "kubernetes.read_node": ("kubernetes_read_node", _bool),

@@ -57,6 +57,7 @@ from kwatt.workloads.kubernetes import (
 )
 from kwatt.workloads.naming import HostNamer, WorkloadNamer
 from kwatt.workloads.node import node_instance_type
+from kwatt.workloads.resourceslices import SliceStore
 
 log = logging.getLogger("kwatt")
 
@@ -145,11 +146,15 @@ class Exporter:
                 self.meters.append(remote)
         self.platform = PlatformStage(self.meters, config) if self.meters else None
         hwmon_cpu, cpu_driver = build_hwmon_cpu_meter(config)
-        gpu = build_gpu_stage(config, gpu_backend_factory)
+        kubernetes = kubernetes_enabled(config)
+        # DRA devices become GPU UUIDs through the node's ResourceSlices: watched only on a
+        # GPU node in Kubernetes mode with --gpu.dra on.
+        slices = SliceStore() if kubernetes and config.gpu_dra == "on" else None
+        gpu = build_gpu_stage(config, gpu_backend_factory, slices=slices)
         stages: list[EnergyStage] = [gpu[0]] if gpu else []
         self.kube: KubernetesParts | None = None
-        if kubernetes_enabled(config):
-            self.kube = build_kubernetes(config)
+        if kubernetes:
+            self.kube = build_kubernetes(config, slices=slices if gpu else None)
             self.namer = self.kube.namer
             stages.append(self.kube.stage)
         else:
@@ -236,6 +241,8 @@ class Exporter:
     def start_watch(self) -> None:
         if self.kube is not None:
             self.kube.watcher.start()
+            if self.kube.slices is not None:
+                self.kube.slices.start()
         if not self.config.once:
             for signal_stage in self.signal_stages:
                 signal_stage.poller.start()
@@ -319,4 +326,8 @@ class Exporter:
             signal_stage.poller.stop(SIGNAL_STOP_JOIN_SECONDS)
         if self.kube is not None:
             self.kube.watcher.stop()
+            if self.kube.slices is not None:
+                self.kube.slices.stop()
             self.kube.watcher.join(WATCH_STOP_JOIN_SECONDS)
+            if self.kube.slices is not None:
+                self.kube.slices.join(WATCH_STOP_JOIN_SECONDS)

@@ -2,7 +2,10 @@
 
 Per physical GPU and interval, with ``E`` its measured energy:
 
-* Nobody holds it: ``E`` is unattributed with reason ``unallocated``.
+* Nobody holds it: ``E`` is unattributed with reason ``unallocated``; when k DRA devices
+  that no ResourceSlice names are claimed and m whole GPUs are unheld, each unheld GPU
+  books ``min(k, m) / m`` of ``E`` as ``unidentified`` (some of them are held, kwatt cannot
+  say which) and the rest as ``unallocated``.
 * One holder (exclusive): the holder gets ``E``, idle power included: holding the GPU is
   what keeps it powered and unavailable to anyone else.
 * Several holders (time-slicing, MPS): ``active = E * u`` with ``u`` the device
@@ -68,6 +71,9 @@ class GpuInterval(Generic[K]):
     # Per-process SM utilisation summed per holder (or per Unattributed bucket).
     activity: Mapping[K | Unattributed, float] = field(default_factory=dict)
     instances: tuple[MigShare[K], ...] = ()  # non-empty: MIG mode
+    # Nobody holds it, but this fraction of it may be held through a DRA claim whose
+    # device no ResourceSlice names: that part is ``unidentified``, not ``unallocated``.
+    unidentified_share: float = 0.0
 
 
 def _split_by_weight(total: float, weights: Sequence[tuple[T, float]]) -> list[tuple[T, float]]:
@@ -102,7 +108,14 @@ def gpu_shares(interval: GpuInterval[K]) -> list[tuple[K | Unattributed, float]]
         return _mig_shares(total, interval.instances)
     holders: list[K | Unattributed] = _unique(interval.holders)
     if not holders:
-        return [(Unattributed("unallocated"), total)]
+        share = min(max(interval.unidentified_share, 0.0), 1.0)
+        if share <= 0:
+            return [(Unattributed("unallocated"), total)]
+        unidentified = total * share
+        if share >= 1:
+            return [(Unattributed("unidentified"), total)]
+        return [(Unattributed("unidentified"), unidentified),
+                (Unattributed("unallocated"), total - unidentified)]
     if len(holders) == 1:
         return [(holders[0], total)]
     activity = {k: v for k, v in interval.activity.items() if v > 0}

@@ -37,7 +37,14 @@ from kwatt.state import GpuCounter
 from kwatt.text import decode_bytes
 from kwatt.workloads import podresources
 from kwatt.workloads.cgroups import CgroupIdentity, identify_cgroup_path
-from kwatt.workloads.podresources import DeviceAllocation, PodResourcesClient, parse_device_id
+from kwatt.workloads.podresources import (
+    ClaimAllocation,
+    DeviceAllocation,
+    DeviceRef,
+    PodResourcesClient,
+    parse_device_id,
+)
+from kwatt.workloads.resourceslices import DraDevice, SliceStore
 
 log = logging.getLogger("kwatt.gpu")
 
@@ -85,10 +92,11 @@ class GpuStage:
     """``EnergyStage`` for NVIDIA GPUs."""
 
     def __init__(self, reader: GpuReader, client: PodResourcesClient | None, procfs: str,
-                 pid_identity: Callable[[str, int], CgroupIdentity | None] = identity_of_pid
-                 ) -> None:
+                 pid_identity: Callable[[str, int], CgroupIdentity | None] = identity_of_pid,
+                 slices: SliceStore | None = None) -> None:
         self._reader = reader
         self._client = client
+        self._slices = slices
         self._procfs = procfs
         self._pid_identity = pid_identity
         self._pid_cache: dict[int, CgroupIdentity | None] = {}
@@ -122,9 +130,11 @@ class GpuStage:
         faults: list[Fault] = []
         source_up: dict[str, bool] = {}
         allocations: tuple[DeviceAllocation, ...] | None = None
+        claims: tuple[ClaimAllocation, ...] = ()
         if self._client is not None:
             listed = self._client.list()
             allocations = listed.allocations
+            claims = listed.claims
             source_up[podresources.SOURCE] = listed.fault is None
             if listed.fault is not None:
                 faults.append(listed.fault)
@@ -145,9 +155,12 @@ class GpuStage:
         seen_pids: set[int] = set()
         gpu_pids = {g.uuid: g.compute_pids for g in cycle.gpus}
         mig_pids = {i.uuid: i.pids for g in cycle.gpus for i in g.instances}
+        unresolved = 0
         if allocations is not None:
+            resolved, unresolved = self._resolve_claims(claims, allocations, cycle.gpus)
             holders, mig_holders, rows = self._holders_from_allocations(
-                allocations, cycle.gpus, workloads)
+                (*((a, parse_device_id(a.device_id)) for a in allocations), *resolved),
+                cycle.gpus, workloads)
             self._unmatched_holders = any(
                 isinstance(h, Unattributed) for hs in (*holders.values(),
                                                        *mig_holders.values()) for h in hs)
@@ -161,8 +174,14 @@ class GpuStage:
 
         splits: list[ComponentSplit[CgroupIdentity]] = []
         gpu_rows: list[GpuRow] = []
+        # DRA devices no ResourceSlice names are held, but on which GPUs kwatt cannot say:
+        # the whole GPUs nobody holds share that much of their energy as unidentified.
+        unheld = [g for g in cycle.gpus if g.up and g.joules is not None
+                  and not (g.mig_enabled and g.instances) and not holders.get(g.uuid)]
+        unidentified_share = min(unresolved, len(unheld)) / len(unheld) if unheld else 0.0
         for gpu in cycle.gpus:
-            interval = self._interval(gpu, holders.get(gpu.uuid, ()), mig_holders, seen_pids)
+            interval = self._interval(gpu, holders.get(gpu.uuid, ()), mig_holders, seen_pids,
+                                      unidentified_share)
             if interval is not None:
                 splits.append(attribute_gpu(interval))
             gpu_rows.append(self._account(gpu))
@@ -199,7 +218,8 @@ class GpuStage:
 
     def _interval(self, gpu: GpuReading, holders: tuple[Holder, ...],
                   mig_holders: Mapping[str, tuple[Holder, ...]],
-                  seen: set[int]) -> GpuInterval[CgroupIdentity] | None:
+                  seen: set[int], unidentified_share: float = 0.0
+                  ) -> GpuInterval[CgroupIdentity] | None:
         if not gpu.up or gpu.joules is None:
             return None
         if gpu.mig_enabled and gpu.instances:
@@ -218,7 +238,8 @@ class GpuStage:
                 key: Holder = identity if identity in members and identity is not None \
                     else Unattributed("system")
                 activity[key] = activity.get(key, 0.0) + sample.sm_percent
-        return GpuInterval(gpu.uuid, gpu.joules, holders, gpu.utilisation, activity)
+        return GpuInterval(gpu.uuid, gpu.joules, holders, gpu.utilisation, activity,
+                           unidentified_share=unidentified_share if not holders else 0.0)
 
     def _match_by_pid(self, holders: tuple[Holder, ...], pids: tuple[int, ...],
                       seen: set[int]) -> tuple[Holder, ...]:
@@ -237,8 +258,65 @@ class GpuStage:
         (found,) = candidates
         return tuple(found if h == unmatched[0] else h for h in holders)
 
+    def _resolve_claims(self, claims: tuple[ClaimAllocation, ...],
+                        allocations: tuple[DeviceAllocation, ...],
+                        gpus: tuple[GpuReading, ...]
+                        ) -> tuple[list[tuple[DeviceAllocation, DeviceRef]], int]:
+        """DRA devices as (allocation, GPU or MIG ref) through the ResourceSlices, with
+        ``resource`` the claim's driver; and how many distinct devices no slice names."""
+        resolved: list[tuple[DeviceAllocation, DeviceRef]] = []
+        unknown: set[tuple[str, str, str]] = set()
+        found = {key: self._slices.lookup(*key) if self._slices is not None else None
+                 for key in {(c.driver, c.pool, c.device) for c in claims}}
+        dynamic_mig = self._dynamic_mig(found, allocations, gpus)
+        for c in claims:
+            key = (c.driver, c.pool, c.device)
+            device = found[key]
+            allocation = DeviceAllocation(c.namespace, c.pod, c.container, c.driver,
+                                          f"{c.driver}/{c.pool}/{c.device}")
+            if key in dynamic_mig:
+                resolved.append((allocation, DeviceRef("mig", dynamic_mig[key])))
+                continue
+            if device is None or not device.uuid:
+                unknown.add((c.driver, c.pool, c.device))
+                self._ratelog.log(
+                    logging.INFO, f"unknown-dra|{allocation.device_id}",
+                    "a DRA claim names a device no ResourceSlice of this node describes; "
+                    "its GPU's energy is unidentified", device=allocation.device_id,
+                    claim=f"{c.claim_namespace}/{c.claim_name}", namespace=c.namespace,
+                    pod=c.pod, container=c.container)
+                continue
+            kind = "mig" if device.kind == "mig" or device.uuid.startswith("MIG-") else "gpu"
+            resolved.append((allocation, DeviceRef(kind, device.uuid)))
+        return resolved, len(unknown)
+
+    @staticmethod
+    def _dynamic_mig(found: Mapping[tuple[str, str, str], DraDevice | None],
+                     allocations: tuple[DeviceAllocation, ...],
+                     gpus: tuple[GpuReading, ...]) -> dict[tuple[str, str, str], str]:
+        """MIG devices the driver publishes without a UUID (created when a claim is
+        prepared) matched to NVML instances: by parent GPU and profile, only where one
+        claimed device and one instance nobody else names share them."""
+        named = {parse_device_id(a.device_id).value for a in allocations}
+        named |= {d.uuid for d in found.values() if d is not None and d.uuid}
+        wanted: dict[tuple[str, str], list[tuple[str, str, str]]] = {}
+        for key, device in found.items():
+            if device is not None and not device.uuid and device.kind == "mig" \
+                    and device.parent_uuid and device.profile:
+                wanted.setdefault((device.parent_uuid, device.profile), []).append(key)
+        out: dict[tuple[str, str, str], str] = {}
+        for gpu in gpus:
+            for profile in {p for parent, p in wanted if parent == gpu.uuid}:
+                candidates = [i.uuid for i in gpu.instances
+                              if i.profile == profile and i.uuid not in named]
+                keys = wanted[(gpu.uuid, profile)]
+                if len(candidates) == 1 and len(keys) == 1:
+                    out[keys[0]] = candidates[0]
+        return out
+
     def _holders_from_allocations(
-            self, allocations: tuple[DeviceAllocation, ...], gpus: tuple[GpuReading, ...],
+            self, allocations: tuple[tuple[DeviceAllocation, DeviceRef], ...],
+            gpus: tuple[GpuReading, ...],
             workloads: Mapping[CgroupIdentity, WorkloadLabels | None]
     ) -> tuple[dict[str, tuple[Holder, ...]], dict[str, tuple[Holder, ...]],
                tuple[AllocationRow, ...]]:
@@ -252,8 +330,7 @@ class GpuStage:
         holders: dict[str, list[Holder]] = {}
         mig_holders: dict[str, list[Holder]] = {}
         rows: dict[AllocationRow, None] = {}
-        for a in allocations:
-            ref = parse_device_id(a.device_id)
+        for a, ref in allocations:
             if ref.kind == "mig":
                 gpu = mig_parent.get(ref.value)
             elif ref.kind == "index":
@@ -297,7 +374,8 @@ class GpuStage:
 
 def build_gpu_stage(config: Config,
                     backend_factory: Callable[[], NvmlBackend] | None = None,
-                    clock: Callable[[], float] = time.monotonic
+                    clock: Callable[[], float] = time.monotonic,
+                    slices: SliceStore | None = None
                     ) -> tuple[GpuStage, StageRenderer] | None:
     """The GPU stage for ``--gpu auto|on|off``; None when GPUs are off or absent (auto).
 
@@ -317,7 +395,8 @@ def build_gpu_stage(config: Config,
     socket = config.pod_resources_socket
     if config.kubernetes == "on" or (config.kubernetes == "auto" and os.path.exists(socket)):
         client = PodResourcesClient(socket, config.gpu_resource_names,
-                                    timeout_seconds=min(2.0, config.interval_seconds / 2))
+                                    timeout_seconds=min(2.0, config.interval_seconds / 2),
+                                    dra_drivers=config.gpu_dra_drivers)
         allocatable, fault = client.allocatable()
         if fault is not None:
             log.warning("kubelet PodResources not answering yet", extra={
@@ -331,5 +410,5 @@ def build_gpu_stage(config: Config,
                  extra={"kubernetes": config.kubernetes, "socket": socket})
     log.info("reading GPU energy through NVML", extra={
         "gpus": reader.gpu_count, "driver_version": reader.driver_version})
-    stage = GpuStage(reader, client, config.procfs)
+    stage = GpuStage(reader, client, config.procfs, slices=slices)
     return stage, render_gpu(config.node_name)

@@ -6,7 +6,9 @@
 * ``stage``: an ``EnergyStage`` with no energy of its own that reports
   ``kwatt_source_up{source="kubernetes"}`` and the watcher's faults each sampler cycle;
 * ``collector``: renders ``kwatt_pod_info`` from the index (no I/O on scrape);
-* ``watcher``: the list+watch thread (podwatch.py); call ``start()``.
+* ``watcher``: the list+watch thread (podwatch.py); call ``start()``;
+* ``slices``: with GPUs and ``--gpu.dra on``, the ResourceSlice list+watch thread
+  (resourceslices.py) whose store maps DRA devices to GPU UUIDs; call ``start()`` too.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from kwatt.attribution import ComponentSplit
 from kwatt.config import Config, ConfigError
 from kwatt.ledger import WorkloadLabels
 from kwatt.sampler import StageResult
+from kwatt.workloads import resourceslices
 from kwatt.workloads.cgroups import CgroupIdentity
 from kwatt.workloads.podindex import KubernetesNamer, PodIndex, PodStore
 from kwatt.workloads.podwatch import (
@@ -36,6 +39,7 @@ from kwatt.workloads.podwatch import (
     WatchHealth,
     WatchSettings,
 )
+from kwatt.workloads.resourceslices import ResourceSliceWatcher, SliceStore
 
 log = logging.getLogger("kwatt.kubernetes")
 
@@ -107,16 +111,24 @@ class KubernetesHealthStage:
     sampler cycle (``kwatt_source_up{source="kubernetes"}``, ``kwatt_source_errors_total``),
     and prunes expired tombstones from the index."""
 
-    def __init__(self, watcher: PodWatcher, store: PodStore) -> None:
+    def __init__(self, watcher: PodWatcher, store: PodStore,
+                 slices: ResourceSliceWatcher | None = None) -> None:
         self._watcher = watcher
         self._store = store
+        self._slices = slices
 
     def sample(self, now: float,
                workloads: Mapping[CgroupIdentity, WorkloadLabels | None]) -> StageResult:
         up, faults = self._watcher.health.drain()
+        source_up = {SOURCE: up}
+        if self._slices is not None:
+            slices_up, slice_faults = self._slices.health.drain()
+            # An API server without ResourceSlices has no DRA: nothing to read is not down.
+            source_up[resourceslices.SOURCE] = slices_up or not self._slices.served
+            faults = [*faults, *slice_faults]
         self._store.prune()
         splits: tuple[ComponentSplit[Hashable], ...] = ()
-        return StageResult(splits=splits, faults=tuple(faults), source_up={SOURCE: up})
+        return StageResult(splits=splits, faults=tuple(faults), source_up=source_up)
 
 
 @dataclass(frozen=True)
@@ -127,6 +139,7 @@ class KubernetesParts:
     watcher: PodWatcher
     store: PodStore
     api_client: Any = None  # for single reads elsewhere (the node's zone label)
+    slices: ResourceSliceWatcher | None = None
 
 
 def api_client_for(config: Config) -> Any:
@@ -161,8 +174,10 @@ def api_client_for(config: Config) -> Any:
 
 
 def build_kubernetes(config: Config, clock: Callable[[], float] = time.monotonic,
-                     settings: WatchSettings = DEFAULT_WATCH_SETTINGS) -> KubernetesParts:
-    """The Kubernetes pieces; raises ConfigError when the client cannot be configured."""
+                     settings: WatchSettings = DEFAULT_WATCH_SETTINGS,
+                     slices: SliceStore | None = None) -> KubernetesParts:
+    """The Kubernetes pieces; raises ConfigError when the client cannot be configured.
+    With ``slices``, this node's ResourceSlices are watched into it."""
     if not config.node_name:
         raise ConfigError("--node-name: required when Kubernetes metadata is on")
     api_client = api_client_for(config)
@@ -172,9 +187,14 @@ def build_kubernetes(config: Config, clock: Callable[[], float] = time.monotonic
                               config.owner_lookups)
     watcher = PodWatcher(api_client, config.node_name, store, owners,
                          config.pod_label_allowlist, settings, clock, health=health)
+    slice_watcher = None
+    if slices is not None:
+        slice_watcher = ResourceSliceWatcher(
+            api_client, config.node_name, slices, settings=settings, clock=clock,
+            health=WatchHealth(settings.no_watch_grace_seconds, source=resourceslices.SOURCE))
     return KubernetesParts(
         namer=KubernetesNamer(store.current),
-        stage=KubernetesHealthStage(watcher, store),
+        stage=KubernetesHealthStage(watcher, store, slice_watcher),
         collector=PodInfoCollector(store.current, config.node_name,
                                    config.pod_label_allowlist),
-        watcher=watcher, store=store, api_client=api_client)
+        watcher=watcher, store=store, api_client=api_client, slices=slice_watcher)

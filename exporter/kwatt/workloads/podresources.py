@@ -9,6 +9,11 @@ Device ids name GPUs in four ways, all handled by ``parse_device_id``:
 ``GPU-<uuid>`` (whole GPU), ``GPU-<uuid>::N`` (time-slicing replica N of it),
 ``MIG-<uuid>`` or ``MIG-GPU-<uuid>/gi/ci`` (a MIG instance) and, on GKE, ``nvidiaN``
 (the GPU with NVML index N).
+
+Devices handed out through Dynamic Resource Allocation come in ``dynamic_resources``: per
+claim, (driver, pool, device) triplets that only the node's ResourceSlices
+(workloads/resourceslices.py) turn into a GPU UUID. ``List`` returns them as
+``ClaimAllocation``s, for the configured DRA drivers only.
 """
 
 from __future__ import annotations
@@ -35,6 +40,20 @@ class DeviceAllocation:
     container: str
     resource: str
     device_id: str
+
+
+@dataclass(frozen=True)
+class ClaimAllocation:
+    """One DRA device, allocated through one ResourceClaim, used by one container."""
+
+    namespace: str
+    pod: str
+    container: str
+    claim_namespace: str
+    claim_name: str
+    driver: str
+    pool: str
+    device: str
 
 
 @dataclass(frozen=True)
@@ -66,15 +85,17 @@ def resource_matches(resource: str, patterns: Sequence[str]) -> bool:
 class ListResult:
     allocations: tuple[DeviceAllocation, ...] | None  # None when the call failed
     fault: Fault | None = None
+    claims: tuple[ClaimAllocation, ...] = ()
 
 
 class PodResourcesClient:
     """A kubelet PodResources v1 client with a per-call deadline."""
 
     def __init__(self, socket_path: str, resource_patterns: Sequence[str],
-                 timeout_seconds: float = 2.0) -> None:
+                 timeout_seconds: float = 2.0, dra_drivers: Sequence[str] = ()) -> None:
         self._socket = socket_path
         self._patterns = tuple(resource_patterns)
+        self._dra_drivers = tuple(dra_drivers)
         self._timeout = timeout_seconds
         self._channel: Any = None
         self._stub: Any = None
@@ -131,20 +152,28 @@ class PodResourcesClient:
                                f"{method}: {getattr(code, 'name', code)}: {details}")
 
     def list(self) -> ListResult:
-        """Device allocations of the configured resources, per container."""
+        """Device allocations of the configured resources and DRA drivers, per container."""
         response, fault = self._call("List")
         if response is None:
             return ListResult(None, fault)
         out = []
+        claims: list[ClaimAllocation] = []
         for pod in response.pod_resources:
             for container in pod.containers:
+                for claim in container.dynamic_resources:
+                    for device in claim.claim_resources:
+                        if resource_matches(device.driver_name, self._dra_drivers):
+                            claims.append(ClaimAllocation(
+                                pod.namespace, pod.name, container.name,
+                                claim.claim_namespace, claim.claim_name,
+                                device.driver_name, device.pool_name, device.device_name))
                 for devices in container.devices:
                     if not resource_matches(devices.resource_name, self._patterns):
                         continue
                     for device_id in devices.device_ids:
                         out.append(DeviceAllocation(pod.namespace, pod.name, container.name,
                                                     devices.resource_name, device_id))
-        return ListResult(tuple(out))
+        return ListResult(tuple(out), claims=tuple(claims))
 
     def allocatable(self) -> tuple[dict[str, tuple[str, ...]] | None, Fault | None]:
         """Device ids the kubelet can hand out, per configured resource name."""

@@ -276,7 +276,8 @@ class WatchHealth:
     """
 
     def __init__(self, grace_seconds: float = DEFAULT_WATCH_SETTINGS.no_watch_grace_seconds,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, source: str = SOURCE) -> None:
+        self._source = source
         self._grace = grace_seconds
         self._clock = clock
         self._lock = threading.Lock()
@@ -320,7 +321,7 @@ class WatchHealth:
         if up != self._reported_up:
             self._reported_up = up
             log.info("kubernetes API %s", "reachable" if up else "unreachable",
-                     extra={"source": SOURCE, "watch_open": self._watch_open})
+                     extra={"source": self._source, "watch_open": self._watch_open})
         return up
 
     @property
@@ -335,11 +336,16 @@ class WatchHealth:
             return self._evaluate(), faults
 
 
-class PodWatcher:
-    """The list+watch loop. ``run`` blocks; start it on a daemon thread with ``start``."""
+class ListWatcher:
+    """A node-scoped list+watch loop (the protocol above). Subclasses name the collection
+    (``path``, ``source``, ``what``) and keep what they read (``_replace``, ``_apply_one``).
+    ``run`` blocks; start it on a daemon thread with ``start``."""
 
-    def __init__(self, api_client: Any, node_name: str, store: PodStore,
-                 owners: OwnerResolver, label_allowlist: tuple[str, ...],
+    path = "/api/v1/pods"
+    source = SOURCE
+    what = "pods"
+
+    def __init__(self, api_client: Any, node_name: str,
                  settings: WatchSettings = DEFAULT_WATCH_SETTINGS,
                  clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None,
@@ -347,9 +353,6 @@ class PodWatcher:
         self._api = ApiRequests(api_client)
         self._node = node_name
         self._selector = f"spec.nodeName={node_name}"
-        self._store = store
-        self._owners = owners
-        self._allowlist = label_allowlist
         self._settings = settings
         self._clock = clock
         self._rng = rng or random.Random()
@@ -365,7 +368,17 @@ class PodWatcher:
         self.lists = 0
         self.watches = 0
         self.events = 0
-        self.foreign_pods_dropped = 0  # pods of other nodes the API sent anyway
+        self.foreign_pods_dropped = 0  # objects of other nodes the API sent anyway
+
+    # -- what a subclass keeps ------------------------------------------------------------
+
+    def _replace(self, items: list[Mapping[str, Any]]) -> None:
+        """A full list of this node's objects."""
+        raise NotImplementedError
+
+    def _apply_one(self, kind: str, obj: Mapping[str, Any]) -> None:
+        """One ADDED, MODIFIED or DELETED object of this node."""
+        raise NotImplementedError
 
     def report(self, fault: Fault) -> None:
         self.health.report(fault)
@@ -373,7 +386,8 @@ class PodWatcher:
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> threading.Thread:
-        self._thread = threading.Thread(target=self.run, name="kwatt-pod-watch", daemon=True)
+        self._thread = threading.Thread(target=self.run, name=f"kwatt-{self.what}-watch",
+                                        daemon=True)
         self._thread.start()
         return self._thread
 
@@ -419,18 +433,20 @@ class PodWatcher:
                     failures = 0
                 continue  # a watch that ended normally: resume from the resourceVersion
             except GoneError:
-                log.info("pod watch resourceVersion expired; listing again",
-                         extra={"source": SOURCE, "resource_version": self.resource_version})
+                log.info(f"{self.what} watch resourceVersion expired; listing again",
+                         extra={"source": self.source,
+                                "resource_version": self.resource_version})
                 self.resource_version = None
                 continue
             except Exception as exc:  # every failure is counted and retried, never fatal
                 if self._stop.is_set():
                     break
-                fault = _fault_for(exc)
+                fault = _fault_for(exc, self.source, self.what)
                 self.report(fault)
                 self.health.failed()
-                self._faultlog.log(logging.WARNING, fault.reason, "pod list/watch failed",
-                                   source=SOURCE, reason=fault.reason, detail=fault.detail)
+                self._faultlog.log(logging.WARNING, fault.reason,
+                                   f"{self.what} list/watch failed", source=self.source,
+                                   reason=fault.reason, detail=fault.detail)
             failures += 1
             delay = min(settings.backoff_max_seconds,
                         settings.backoff_initial_seconds * 2 ** min(failures - 1, 30))
@@ -438,11 +454,11 @@ class PodWatcher:
         self.health.failed()
 
     def _list(self, consistent: bool) -> str:
-        """Full list of this node's pods; returns the list's resourceVersion."""
+        """Full list of this node's objects; returns the list's resourceVersion."""
         from kubernetes.client.exceptions import ApiException
 
         settings = self._settings
-        records: list[PodRecord] = []
+        items: list[Mapping[str, Any]] = []
         token: str | None = None
         resource_version = ""
         while True:
@@ -455,7 +471,7 @@ class PodWatcher:
                 query["limit"] = settings.list_page_size
             try:
                 response = self._api.get(
-                    "/api/v1/pods", query,
+                    self.path, query,
                     (settings.connect_timeout_seconds, settings.list_timeout_seconds))
             except ApiException as exc:
                 if exc.status == 410:
@@ -463,11 +479,8 @@ class PodWatcher:
                 raise
             body = json.loads(response.data)
             self.health.answered()
-            for item in body.get("items") or []:
-                if isinstance(item, Mapping) and self._on_this_node(item):
-                    record = pod_record(item, self._owners, self._allowlist)
-                    if record is not None:
-                        records.append(record)
+            items.extend(item for item in body.get("items") or []
+                         if isinstance(item, Mapping) and self._on_this_node(item))
             metadata = body.get("metadata") or {}
             resource_version = str(metadata.get("resourceVersion") or resource_version)
             token = metadata.get("continue") or None
@@ -475,17 +488,17 @@ class PodWatcher:
                 break
             if self._stop.is_set() or not self._gate():
                 raise InterruptedError("stopping")
-        self._store.replace_all(records)
+        self._replace(items)
         self.lists += 1
-        log.info("listed pods", extra={"source": SOURCE, "pods": len(records),
-                                       "resource_version": resource_version})
+        log.info(f"listed {self.what}", extra={"source": self.source, self.what: len(items),
+                                               "resource_version": resource_version})
         return resource_version
 
     def _connect(self, *, watch: bool, _preload_content: bool,
                  _request_timeout: tuple[float, float], resource_version: str | None,
                  timeout_seconds: int) -> Any:
         """The watch request, called by ``Watch.stream``; an answer means the API is up."""
-        response = self._api.get("/api/v1/pods", {
+        response = self._api.get(self.path, {
             "fieldSelector": self._selector, "watch": "true", "allowWatchBookmarks": "true",
             "resourceVersion": resource_version, "timeoutSeconds": timeout_seconds,
         }, _request_timeout)
@@ -531,8 +544,8 @@ class PodWatcher:
             return True
         self.foreign_pods_dropped += 1
         self._foreignlog.log(
-            logging.WARNING, "foreign", "the API sent pods of other nodes despite "
-            f"fieldSelector={self._selector}; dropping them", source=SOURCE,
+            logging.WARNING, "foreign", f"the API sent {self.what} of other nodes despite "
+            f"fieldSelector={self._selector}; dropping them", source=self.source,
             node=self._node, dropped_total=self.foreign_pods_dropped)
         return False
 
@@ -544,25 +557,52 @@ class PodWatcher:
         metadata = obj.get("metadata") or {}
         version = metadata.get("resourceVersion") if isinstance(metadata, Mapping) else None
         if kind in ("ADDED", "MODIFIED", "DELETED") and self._on_this_node(obj):
-            record = pod_record(obj, self._owners, self._allowlist)
-            if record is not None:
-                if kind == "DELETED":
-                    self._store.delete(record)
-                else:
-                    self._store.upsert(record)
+            self._apply_one(str(kind), obj)
             self.events += 1
         if isinstance(version, str) and version:
             self.resource_version = version  # BOOKMARK: just this
 
 
-def _fault_for(exc: BaseException) -> Fault:
+def _fault_for(exc: BaseException, source: str = SOURCE, what: str = "pods") -> Fault:
     from kubernetes.client.exceptions import ApiException
 
     if isinstance(exc, ApiException):
         reason = "permission" if exc.status in (401, 403) else "api"
-        return Fault(SOURCE, reason, "pods", f"HTTP {exc.status} {exc.reason or ''}".strip())
+        return Fault(source, reason, what, f"HTTP {exc.status} {exc.reason or ''}".strip())
     if _is_timeout(exc):
-        return Fault(SOURCE, "timeout", "pods", str(exc)[:200])
+        return Fault(source, "timeout", what, str(exc)[:200])
     if isinstance(exc, ValueError):
-        return Fault(SOURCE, "parse", "pods", str(exc)[:200])
-    return Fault(SOURCE, "api", "pods", f"{type(exc).__name__}: {str(exc)[:200]}")
+        return Fault(source, "parse", what, str(exc)[:200])
+    return Fault(source, "api", what, f"{type(exc).__name__}: {str(exc)[:200]}")
+
+
+class PodWatcher(ListWatcher):
+    """This node's pods, kept in a ``PodStore``."""
+
+    def __init__(self, api_client: Any, node_name: str, store: PodStore,
+                 owners: OwnerResolver, label_allowlist: tuple[str, ...],
+                 settings: WatchSettings = DEFAULT_WATCH_SETTINGS,
+                 clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None,
+                 health: WatchHealth | None = None) -> None:
+        super().__init__(api_client, node_name, settings, clock, rng, health)
+        self._store = store
+        self._owners = owners
+        self._allowlist = label_allowlist
+
+    def _replace(self, items: list[Mapping[str, Any]]) -> None:
+        records: list[PodRecord] = []
+        for item in items:
+            record = pod_record(item, self._owners, self._allowlist)
+            if record is not None:
+                records.append(record)
+        self._store.replace_all(records)
+
+    def _apply_one(self, kind: str, obj: Mapping[str, Any]) -> None:
+        record = pod_record(obj, self._owners, self._allowlist)
+        if record is None:
+            return
+        if kind == "DELETED":
+            self._store.delete(record)
+        else:
+            self._store.upsert(record)
