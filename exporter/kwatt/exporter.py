@@ -63,7 +63,20 @@ def _static_info(config: Config) -> StaticInfo:
         node=config.node_name, interval_seconds=config.interval_seconds,
         carbon_intensity_grams_per_kwh=config.carbon_intensity_grams_per_kwh,
         energy_price_per_kwh=config.energy_price_per_kwh,
-        energy_price_currency=config.energy_price_currency, pue=config.pue)
+        energy_price_currency=config.energy_price_currency, pue=config.pue,
+        embodied_grams_per_second=embodied_grams_per_second(config))
+
+
+SECONDS_PER_YEAR = 365.25 * 86400
+
+
+def embodied_grams_per_second(config: Config) -> float | None:
+    """SCI's M per second: the hardware's embodied kg CO2e spread evenly over its
+    expected lifetime (linear amortisation, as SCI's time share does)."""
+    if config.embodied_kg_co2e is None:
+        return None
+    return config.embodied_kg_co2e * 1000.0 / (config.embodied_lifetime_years
+                                               * SECONDS_PER_YEAR)
 
 
 class Exporter:

@@ -35,6 +35,8 @@ class StaticInfo:
     energy_price_per_kwh: float | None
     energy_price_currency: str
     pue: float
+    # Embodied carbon amortised per second of the hardware's lifetime; None: not configured.
+    embodied_grams_per_second: float | None = None
 
 
 class KwattCollector(Collector):
@@ -180,6 +182,13 @@ class KwattCollector(Collector):
             labels=("node",))
         family.add_metric((info.node,), info.pue)
         yield family
+        if info.embodied_grams_per_second is not None:
+            family = GaugeMetricFamily(
+                "kwatt_embodied_grams_per_second",
+                "Embodied carbon of the node's hardware from config, amortised over its "
+                "lifetime (g CO2e per second).", labels=("node",))
+            family.add_metric((info.node,), info.embodied_grams_per_second)
+            yield family
 
 
 def _bound(value: float) -> str:
