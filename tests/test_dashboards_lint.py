@@ -19,7 +19,8 @@ from conftest import require_tool
 from dashboard_model import link_urls, load_dashboards, panels, queries, variables_used
 
 DS_UID = "${datasource}"
-GRAFANA_BUILTINS = {"__rate_interval", "__range", "__interval", "__all", "__url_time_range",
+GRAFANA_BUILTINS = {"__rate_interval", "__range", "__interval", "__interval_ms", "__all",
+                    "__url_time_range",
                     "__field", "__value", "__series", "__data"}
 _COUNTER = re.compile(r"\b(\w+_total)\b")
 _RANGE = re.compile(r"\[([^\]]+)\]")
@@ -106,7 +107,8 @@ def lint_expr(expr: str, defined: set[str]) -> list[str]:
         if not re.search(r"\b(rate|irate|increase)\($", before):
             problems.append(f"counter {match.group(1)} used without rate/increase")
     for window in _RANGE.findall(expr):
-        if window not in ("$__rate_interval", "$__range"):
+        # $__range:$__interval: a subquery integrating a recorded rate over the range.
+        if window not in ("$__rate_interval", "$__range", "$__range:$__interval"):
             problems.append(f"range [{window}] should be $__rate_interval or $__range")
     for call in _RATE_CALL.finditer(expr):
         window = _RANGE.search(expr, call.end())
@@ -118,9 +120,9 @@ def lint_expr(expr: str, defined: set[str]) -> list[str]:
     return problems
 
 
-def test_shipped_dashboards_are_the_six_documented() -> None:
+def test_shipped_dashboards_are_the_seven_documented() -> None:
     assert set(DASHBOARDS) == {"kwatt-cluster", "kwatt-namespace", "kwatt-workload",
-                               "kwatt-gpu", "kwatt-node", "kwatt-exporter"}
+                               "kwatt-gpu", "kwatt-node", "kwatt-exporter", "kwatt-ai"}
 
 
 @pytest.mark.parametrize("uid", sorted(DASHBOARDS))
@@ -158,6 +160,7 @@ def test_lint_catches_each_defect() -> None:
 
 def substitute_for_parsing(expr: str) -> str:
     return (expr.replace("$__rate_interval", "1m").replace("$__range", "1h")
+            .replace("$__interval_ms", "60000").replace("$__interval", "1m")
             .replace("$idle_utilization", "0.05")
             .replace('"$', '"').replace("${", "{"))
 

@@ -81,6 +81,8 @@ def carbon_cost_rate_group(w: str) -> dict[str, Any]:
             f"(rate(kwatt_namespace_energy_joules_total[{w}]))")
     wl_e = (f"sum by ({BY_NODE}, namespace, workload_kind, workload) "
             f"(rate(kwatt_workload_energy_joules_total[{w}]))")
+    pod_e = (f"sum by ({BY_NODE}, namespace, workload_kind, workload, pod) "
+             f"(rate(kwatt_container_energy_joules_total[{w}]))")
     rules = [
         _record(INTENSITY,
                 f"max by ({BY_NODE}) (kwatt_carbon_intensity_grams_per_kwh)\n"
@@ -105,6 +107,14 @@ def carbon_cost_rate_group(w: str) -> dict[str, Any]:
         _record(f"workload:kwatt_cost_per_second:rate{w}",
                 f"sum by ({WL_LABELS}, currency) (\n"
                 f"  {_per_node_times(wl_e, PRICE, 'currency')}\n)"),
+        # Per pod, with its workload: the workload dashboard's selection.
+        _record(f"pod:kwatt_carbon_grams_per_second:rate{w}",
+                f"sum by ({WL_LABELS}, pod) (\n  {_per_node_times(pod_e, INTENSITY)}\n)"),
+        _record(f"pod:kwatt_cost_per_second:rate{w}",
+                f"sum by ({WL_LABELS}, pod, currency) (\n"
+                f"  {_per_node_times(pod_e, PRICE, 'currency')}\n)"),
+        _record(f"pod:kwatt_embodied_grams_per_second:rate{w}",
+                f"sum by ({WL_LABELS}, pod) (\n  {_embodied_share(pod_e, node_e)}\n)"),
         _record(f"namespace:kwatt_embodied_grams_per_second:rate{w}",
                 f"sum by ({NS_LABELS}) (\n  {_embodied_share(ns_e, node_e)}\n)"),
         _record(f"workload:kwatt_embodied_grams_per_second:rate{w}",
@@ -151,7 +161,6 @@ def ai_efficiency_group(w: str, sci_functional_unit: str) -> dict[str, Any]:
     tokens = f"pod:kwatt_generated_tokens:rate{w}"
     requests = f"pod:kwatt_inference_requests:rate{w}"
     serving = f"pod:kwatt_serving_power_watts:rate{w}"
-    pod_e = f"sum by ({BY_NODE}, namespace, pod) (rate(kwatt_container_energy_joules_total[{w}]))"
     rules = [
         _record(tokens, _by_server(TOKEN_COUNTERS, w)),
         _record(requests, _by_server(REQUEST_COUNTERS, w)),
@@ -159,8 +168,6 @@ def ai_efficiency_group(w: str, sci_functional_unit: str) -> dict[str, Any]:
                 f"sum by ({POD_LABELS}) (rate(kwatt_container_energy_joules_total[{w}]))\n"
                 f"and on ({POD_LABELS}) (group by ({POD_LABELS}) ({tokens}) "
                 f"or group by ({POD_LABELS}) ({requests}))"),
-        _record(f"pod:kwatt_carbon_grams_per_second:rate{w}",
-                f"sum by ({POD_LABELS}) (\n  {_per_node_times(pod_e, INTENSITY)}\n)"),
         _record(f"pod:kwatt_joules_per_token:rate{w}",
                 f"{serving}\n/ on ({POD_LABELS}) group_right () ({tokens} > 0)"),
         _record(f"pod:kwatt_carbon_grams_per_kilotoken:rate{w}",
