@@ -377,9 +377,11 @@ def test_namespace_carbon_and_cost_follow_energy(stack: Stack) -> None:
     carbon = stack.prometheus.value("sum(namespace:kwatt_carbon_grams:increase1d)", at)
     cost = stack.prometheus.value("sum(namespace:kwatt_cost:increase1d)", at)
     assert joules > 0
-    # grams = J / 3.6e6 J/kWh * 400 g/kWh * 1.5
-    assert carbon == pytest.approx(joules / 3.6e6 * 600, rel=1e-9)
-    assert cost == pytest.approx(joules / 3.6e6 * 0.375, rel=1e-9)
+    # Carbon and cost rates are recorded in one group, at the same instants: exact ratio.
+    assert carbon / cost == pytest.approx(600 / 0.375, rel=1e-9)
+    # grams = J / 3.6e6 J/kWh * 400 g/kWh * 1.5. The power rule is another group, read
+    # up to one evaluation (1 s) apart while the young 5m rates still climb: 5 %.
+    assert carbon == pytest.approx(joules / 3.6e6 * 600, rel=0.05)
 
 
 def wait_for_history(prometheus: Prometheus, selector: str, seconds: float,

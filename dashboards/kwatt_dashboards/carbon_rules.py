@@ -161,20 +161,20 @@ def ai_efficiency_group(w: str, sci_functional_unit: str) -> dict[str, Any]:
     tokens = f"pod:kwatt_generated_tokens:rate{w}"
     requests = f"pod:kwatt_inference_requests:rate{w}"
     serving = f"pod:kwatt_serving_power_watts:rate{w}"
+    pod_power = f"sum by ({POD_LABELS}) (rate(kwatt_container_energy_joules_total[{w}]))"
     rules = [
         _record(tokens, _by_server(TOKEN_COUNTERS, w)),
         _record(requests, _by_server(REQUEST_COUNTERS, w)),
+        # Power of the pods that generate tokens: the numerator of J/token.
         _record(serving,
-                f"sum by ({POD_LABELS}) (rate(kwatt_container_energy_joules_total[{w}]))\n"
-                f"and on ({POD_LABELS}) (group by ({POD_LABELS}) ({tokens}) "
-                f"or group by ({POD_LABELS}) ({requests}))"),
+                f"{pod_power}\nand on ({POD_LABELS}) group by ({POD_LABELS}) ({tokens})"),
         _record(f"pod:kwatt_joules_per_token:rate{w}",
                 f"{serving}\n/ on ({POD_LABELS}) group_right () ({tokens} > 0)"),
         _record(f"pod:kwatt_carbon_grams_per_kilotoken:rate{w}",
                 f"1000 * pod:kwatt_carbon_grams_per_second:rate{w}\n"
                 f"/ on ({POD_LABELS}) group_right () ({tokens} > 0)"),
         _record(f"pod:kwatt_inference_requests_per_kwh:rate{w}",
-                f"{requests} * {KWH}\n/ on ({POD_LABELS}) group_left () ({serving} > 0)"),
+                f"{requests} * {KWH}\n/ on ({POD_LABELS}) group_left () ({pod_power} > 0)"),
         _record(f"namespace:kwatt_generated_tokens:rate{w}",
                 f"sum by ({NS_LABELS}) ({tokens})"),
         _record(f"namespace:kwatt_serving_power_watts:rate{w}",
