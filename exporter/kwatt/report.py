@@ -158,7 +158,7 @@ class Prometheus:
                 body = json.load(response)
         except urllib.error.HTTPError as exc:
             raise ReportError(f"Prometheus at {self.url} answered {exc.code} {exc.reason} "
-                              f"to {path}{_hint(exc.code)}") from None
+                              f"to {path}{_reason(exc)}{_hint(exc.code)}") from None
         except urllib.error.URLError as exc:
             raise ReportError(f"cannot reach Prometheus at {self.url}: {exc.reason}") from None
         except (OSError, ValueError) as exc:
@@ -176,6 +176,16 @@ class Prometheus:
         data = self.get("/api/v1/rules", type="record")
         return {rule.get("name", "") for group in (data or {}).get("groups", [])
                 for rule in group.get("rules", [])}
+
+
+def _reason(error: urllib.error.HTTPError) -> str:
+    """Prometheus' own explanation from an error reply, on the same line."""
+    try:
+        body = json.loads(error.read(65536))
+    except (OSError, ValueError):
+        return ""
+    reason = body.get("error") if isinstance(body, dict) else None
+    return f": {' '.join(str(reason).split())}" if reason else ""
 
 
 def _hint(code: int) -> str:
