@@ -440,7 +440,7 @@ def test_documented_queries_run(stack: Stack) -> None:
 
     must_answer = ('kwatt_namespace_energy_joules_total{namespace="ml"}[1d]))',
                    "sum by (namespace, workload_kind, workload) (\n    increase(",
-                   'workload="nightly-etl"}[7d])')
+                   'workload="nightly-etl"}[7d:1m])')
     unanswered = []
     for path in DOCS_WITH_PROMQL:
         for expr in promql_blocks(path):
