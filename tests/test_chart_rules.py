@@ -58,6 +58,8 @@ CUSTOM: dict[str, Any] = {
     "sample_duration_ratio": 1234567.0,
     "sample_rate_ratio": 0.9,
     "sampling_for": "20m",
+    # Quotes and braces must reach the rule unchanged (JSON-escaped in the template).
+    "sci_functional_unit": 'http_requests_total{job="api", code=~"2.."}',
 }
 # A namespace that reads as a number must stay a string label.
 BUDGETS = {"ml": 100.0, "web": 2.5, "2024": 0.575}

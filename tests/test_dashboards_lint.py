@@ -146,7 +146,8 @@ def lint_expr(expr: str, defined: set[str]) -> list[str]:
 
 def test_shipped_dashboards_are_the_seven_documented() -> None:
     assert set(DASHBOARDS) == {"kwatt-cluster", "kwatt-namespace", "kwatt-workload",
-                               "kwatt-gpu", "kwatt-node", "kwatt-exporter", "kwatt-runs"}
+                               "kwatt-gpu", "kwatt-node", "kwatt-exporter", "kwatt-runs",
+                               "kwatt-ai"}
 
 
 @pytest.mark.parametrize("uid", sorted(DASHBOARDS))
@@ -184,7 +185,7 @@ def test_lint_catches_each_defect() -> None:
 
 def substitute_for_parsing(expr: str) -> str:
     return (expr.replace("$__rate_interval", "1m").replace("$__range", "1h")
-            .replace("$__interval_ms", "15000").replace("$__interval", "15s")
+            .replace("$__interval_ms", "60000").replace("$__interval", "1m")
             .replace("$idle_utilization", "0.05")
             .replace('"$', '"').replace("${", "{"))
 

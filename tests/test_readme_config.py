@@ -20,6 +20,7 @@ def test_readme_config_example_loads(tmp_path: Path) -> None:
     assert config.interval_seconds == 5.0
     assert config.carbon_intensity_grams_per_kwh == 350
     assert config.energy_price_currency == "EUR"
+    assert (config.embodied_kg_co2e, config.embodied_lifetime_years) == (1500, 4)
     assert config.attribution.idle_watts_cpu == 42.0
     assert config.pod_label_allowlist == ("team", "app.kubernetes.io/name")
     assert config.service_account_dir == "/var/run/secrets/kubernetes.io/serviceaccount"

@@ -5,18 +5,18 @@ from __future__ import annotations
 from grafana_foundation_sdk.builders import dashboard
 
 from kwatt_dashboards.common import (
+    INTEGRAL_MIN_STEP,
     KWH,
-    PUE_CARBON,
+    UID_AI,
     UID_CLUSTER,
     UID_NAMESPACE,
     UID_RUNS,
     UID_WORKLOAD,
     bars,
-    carbon_grams,
     cluster_variable,
-    cost,
     drill,
     new_dashboard,
+    over_range,
     pie,
     row,
     sel,
@@ -34,9 +34,10 @@ UN_E = f"kwatt_unattributed_energy_joules_total{sel()}"
 def build(currency_unit: str) -> dashboard.Dashboard:
     to_ns = drill(UID_NAMESPACE, "Namespace ${__field.labels.namespace}",
                   namespace="namespace")
+    to_ai = drill(UID_AI, "AI efficiency of ${__field.labels.namespace}",
+                  namespace="namespace")
     to_wl = drill(UID_WORKLOAD, "Workload ${__field.labels.workload}",
                   namespace="namespace", workload="workload")
-    per_node_range = f"sum by (cluster, node) (increase({NODE_E}[$__range]))"
     return (
         new_dashboard(UID_CLUSTER, "Power, energy, carbon and cost of the whole cluster, and "
                       "the namespaces and workloads that use it.", [cluster_variable()])
@@ -55,18 +56,26 @@ def build(currency_unit: str) -> dashboard.Dashboard:
             "kwatth", target(f"sum(increase({NODE_E}[$__range])) / {KWH}", "energy",
                              instant=True)))
         .with_panel(single(
-            "Carbon over range", "Emissions over the range: kWh per node x that node's grid "
-            "intensity (kwatt_carbon_intensity_grams_per_kwh) x PUE.", "massg",
-            target(carbon_grams(per_node_range), "CO2e", instant=True)))
+            "Carbon over range", "Operational emissions over the range, the integral of "
+            "each node's power x its grid intensity at that moment x PUE (recording rule "
+            "node:kwatt_carbon_grams_per_second:rate5m), and beside it the embodied carbon "
+            "of the nodes' hardware amortised over the same time (SCI's M).", "massg",
+            target(f"sum({over_range(f'node:kwatt_carbon_grams_per_second:rate5m{sel()}')})",
+                   "operational", instant=True),
+            target(f"sum({over_range(f'kwatt_embodied_grams_per_second{sel()}')})",
+                   "embodied", instant=True), min_interval=INTEGRAL_MIN_STEP))
         .with_panel(single(
-            "Cost over range", "Energy cost over the range: kWh per node x price per kWh x "
-            "PUE, per currency.", currency_unit,
-            target(cost(per_node_range), "{{currency}}", instant=True)))
+            "Cost over range", "Energy cost over the range, the integral of each node's "
+            "power x its price at that moment x PUE (node:kwatt_cost_per_second:rate5m), "
+            "per currency.", currency_unit,
+            target(f"sum by (currency) "
+                   f"({over_range(f'node:kwatt_cost_per_second:rate5m{sel()}')})",
+                   "{{currency}}", instant=True), min_interval=INTEGRAL_MIN_STEP))
         .with_panel(single(
-            "Carbon rate now", "Grams CO2e per hour at the current power draw, PUE included.",
-            "suffix:g/h",
-            target(f"sum(sum by (cluster, node) (rate({NODE_E}[$__rate_interval])) / 1000 "
-                   f"* on (cluster, node) group_left () {PUE_CARBON})", "g/h", instant=True)))
+            "Carbon rate now", "Grams CO2e per hour at the current power draw and the "
+            "current grid intensity, PUE included.", "suffix:g/h",
+            target(f"sum(node:kwatt_carbon_grams_per_second:rate5m{sel()}) * 3600", "g/h",
+                   instant=True)))
         .with_row(row("Power and sources"))
         .with_panel(ts(
             "Power by component", "Node power by component and source (rapl, nvml: measured; "
@@ -90,7 +99,7 @@ def build(currency_unit: str) -> dashboard.Dashboard:
             "Top namespaces by energy", "The ten namespaces with most energy over the range, "
             "finished pods included. Click a bar for the namespace dashboard.", "kwatth",
             target(f"topk(10, sum by (namespace) (increase({NS_E}[$__range]))) / {KWH}",
-                   "{{namespace}}", instant=True), links=[to_ns]))
+                   "{{namespace}}", instant=True), links=[to_ns, to_ai]))
         .with_panel(bars(
             "Top workloads by energy", "The ten workloads (Deployment, StatefulSet, CronJob, "
             "TrainJob, InferenceService, ...: the top owner of their pods) with most energy "
@@ -103,16 +112,24 @@ def build(currency_unit: str) -> dashboard.Dashboard:
             links=[to_wl, drill(UID_RUNS, "Training runs and served models",
                                 namespace="namespace")]))
         .with_panel(bars(
-            "Top namespaces by carbon", "Grams CO2e over the range per namespace, each node's "
-            "share weighted by its grid intensity and PUE.", "massg",
-            target(f"topk(10, sum by (namespace) (increase({NS_E}[$__range]) / {KWH}\n"
-                   f"* on (cluster, node) group_left () {PUE_CARBON}))", "{{namespace}}",
-                   instant=True), links=[to_ns]))
+            "Top namespaces by carbon", "Grams CO2e over the range per namespace: "
+            "operational (integral of its power x its nodes' intensity at each moment x PUE) "
+            "beside embodied (its share of its nodes' energy x their amortised embodied "
+            "carbon).", "massg",
+            target("topk(10, sum by (namespace) ("
+                   + over_range(f"namespace:kwatt_carbon_grams_per_second:rate5m{sel()}")
+                   + "))", "{{namespace}} operational", instant=True),
+            target("topk(10, sum by (namespace) ("
+                   + over_range(f"namespace:kwatt_embodied_grams_per_second:rate5m{sel()}")
+                   + "))", "{{namespace}} embodied", instant=True),
+            links=[to_ns], min_interval=INTEGRAL_MIN_STEP))
         .with_panel(bars(
-            "Top namespaces by cost", "Energy cost over the range per namespace, PUE "
-            "included.", currency_unit,
-            target("topk(10, " + cost(f"increase({NS_E}[$__range])", "namespace, currency") + ")",
-                   "{{namespace}} ({{currency}})", instant=True), links=[to_ns]))
+            "Top namespaces by cost", "Energy cost over the range per namespace, the "
+            "integral of its power x the price at each moment x PUE.", currency_unit,
+            target("topk(10, sum by (namespace, currency) ("
+                   + over_range(f"namespace:kwatt_cost_per_second:rate5m{sel()}") + "))",
+                   "{{namespace}} ({{currency}})", instant=True), links=[to_ns],
+            min_interval=INTEGRAL_MIN_STEP))
         .with_panel(ts(
             "Power by namespace", "Power drawn by each namespace's containers.", "watt",
             target(f"sum by (namespace) (rate({NS_E}[$__rate_interval]))", "{{namespace}}"),

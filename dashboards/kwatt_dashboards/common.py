@@ -38,6 +38,7 @@ UID_GPU = "kwatt-gpu"
 UID_NODE = "kwatt-node"
 UID_EXPORTER = "kwatt-exporter"
 UID_RUNS = "kwatt-runs"
+UID_AI = "kwatt-ai"
 
 TITLES = {
     UID_CLUSTER: "kwatt / Cluster energy",
@@ -47,26 +48,20 @@ TITLES = {
     UID_NODE: "kwatt / Node",
     UID_EXPORTER: "kwatt / Exporter health",
     UID_RUNS: "kwatt / Training runs and served models",
+    UID_AI: "kwatt / AI efficiency",
 }
 
 CLUSTER = 'cluster=~"$cluster"'
-# Per-node factors; PUE multiplies IT energy into facility energy.
-PUE_CARBON = (f"(kwatt_carbon_intensity_grams_per_kwh{{{CLUSTER}}} * on (cluster, node) "
-              f"kwatt_pue_ratio{{{CLUSTER}}})")
-PUE_PRICE = (f"(kwatt_energy_price_per_kwh{{{CLUSTER}}} * on (cluster, node) group_left () "
-             f"kwatt_pue_ratio{{{CLUSTER}}})")
+# Carbon and cost over the range are integrals of the per-second rates the recording
+# rules keep (carbon_rules.py): each step's rate times the step, Grafana's $__interval.
+# Carbon and cost panels set INTEGRAL_MIN_STEP as their minimum interval: finer steps
+# only re-read the same 5-minute rate average.
+INTEGRAL_MIN_STEP = "1m"
 
 
-def carbon_grams(energy_joules_by_node: str) -> str:
-    """Grams CO2e of a per-node energy vector: kWh x grid intensity x PUE, joined per node."""
-    return (f"sum(\n  {energy_joules_by_node} / {KWH}\n"
-            f"  * on (cluster, node) group_left () {PUE_CARBON}\n)")
-
-
-def cost(energy_joules_by_node: str, by: str = "currency") -> str:
-    """Cost of a per-node energy vector: kWh x price x PUE, per currency."""
-    return (f"sum by ({by}) (\n  {energy_joules_by_node} / {KWH}\n"
-            f"  * on (cluster, node) group_left (currency) {PUE_PRICE}\n)")
+def over_range(rate: str) -> str:
+    """The integral of a recorded per-second rate over the dashboard's time range."""
+    return f"sum_over_time({rate}[$__range:$__interval]) * $__interval_ms / 1000"
 
 
 LAST_VALUE = common_builders.ReduceDataOptions().calcs(["lastNotNull"]).values(False)
@@ -150,19 +145,24 @@ def ts(title: str, description: str, unit: str, *targets: prometheus.Dataquery,
 
 
 def single(title: str, description: str, unit: str, *targets: prometheus.Dataquery,
-           time_from: str | None = None, height: int = 5, width: int = 6) -> Builder[dm.Panel]:
+           time_from: str | None = None, height: int = 5, width: int = 6,
+           min_interval: str | None = None) -> Builder[dm.Panel]:
     panel = (stat.Panel().graph_mode(common_models.BigValueGraphMode.NONE)
              .reduce_options(LAST_VALUE))
     if time_from:
         panel = panel.time_from(time_from)
+    if min_interval:
+        panel = panel.interval(min_interval)
     return _common(panel, title, description, unit, targets, (), height, width)
 
 
 def bars(title: str, description: str, unit: str, *targets: prometheus.Dataquery,
          links: Sequence[DashboardLink] = (), height: int = 8,
-         width: int = 12) -> Builder[dm.Panel]:
+         width: int = 12, min_interval: str | None = None) -> Builder[dm.Panel]:
     panel = (bargauge.Panel().orientation(common_models.VizOrientation.HORIZONTAL)
              .reduce_options(LAST_VALUE))
+    if min_interval:
+        panel = panel.interval(min_interval)
     return _common(panel, title, description, unit, targets, links, height, width)
 
 

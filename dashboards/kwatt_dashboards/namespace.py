@@ -5,17 +5,17 @@ from __future__ import annotations
 from grafana_foundation_sdk.builders import dashboard
 
 from kwatt_dashboards.common import (
+    INTEGRAL_MIN_STEP,
     KWH,
     NS,
     UID_NAMESPACE,
     UID_WORKLOAD,
     bars,
-    carbon_grams,
     cluster_variable,
-    cost,
     drill,
     grid,
     new_dashboard,
+    over_range,
     query_variable,
     row,
     sel,
@@ -42,7 +42,9 @@ def build(currency_unit: str) -> dashboard.Dashboard:
                   namespace="namespace", workload="workload")
     to_pod = drill(UID_WORKLOAD, "Pod ${__field.labels.pod}", namespace="namespace",
                    pod="pod")
-    per_node_range = f"sum by (cluster, node) (increase({NS_E}[$__range]))"
+    carbon = f"namespace:kwatt_carbon_grams_per_second:rate5m{sel(NS)}"
+    embodied = f"namespace:kwatt_embodied_grams_per_second:rate5m{sel(NS)}"
+    cost = f"namespace:kwatt_cost_per_second:rate5m{sel(NS)}"
     return (
         new_dashboard(UID_NAMESPACE, "Energy of one namespace: its workloads and pods over "
                       "time, carbon and cost.", [cluster_variable(), namespace_variable()])
@@ -55,11 +57,18 @@ def build(currency_unit: str) -> dashboard.Dashboard:
             "included (kwatt_namespace_energy_joules_total keeps them).", "kwatth",
             target(f"sum(increase({NS_E}[$__range])) / {KWH}", "energy", instant=True)))
         .with_panel(single(
-            "Carbon over range", "kWh per node x the node's grid intensity x PUE.", "massg",
-            target(carbon_grams(per_node_range), "CO2e", instant=True)))
+            "Carbon over range", "Operational: the integral of power x the node's grid "
+            "intensity at each moment x PUE (namespace:kwatt_carbon_grams_per_second:rate5m). "
+            "Embodied: the share of the nodes' amortised embodied carbon, by energy.",
+            "massg",
+            target(f"sum({over_range(carbon)})", "operational", instant=True),
+            target(f"sum({over_range(embodied)})", "embodied", instant=True),
+            min_interval=INTEGRAL_MIN_STEP))
         .with_panel(single(
-            "Cost over range", "kWh per node x price per kWh x PUE.", currency_unit,
-            target(cost(per_node_range), "{{currency}}", instant=True)))
+            "Cost over range", "The integral of power x the price at each moment x PUE "
+            "(namespace:kwatt_cost_per_second:rate5m).", currency_unit,
+            target(f"sum by (currency) ({over_range(cost)})", "{{currency}}", instant=True),
+            min_interval=INTEGRAL_MIN_STEP))
         .with_row(row("Workloads and pods"))
         .with_panel(ts(
             "Power by workload", "Power of each workload: the top owner of its pods "

@@ -18,6 +18,12 @@ from typing import Any
 
 import yaml
 
+from kwatt_dashboards.carbon_rules import (
+    ai_efficiency_group,
+    carbon_cost_rate_group,
+    daily_carbon_cost_rules,
+)
+
 JOULES_PER_KWH = 3.6e6
 RUNBOOK_BASE = "https://github.com/kwatt-project/kwatt/blob/main/docs/runbooks.md"
 
@@ -57,13 +63,16 @@ class RuleParams:
     sampling_for: str = "15m"
     # namespace -> kWh per rolling day; users add more with their own recording rules.
     namespace_budgets_kwh: dict[str, float] = field(default_factory=dict)
+    # SCI's R: the counter (a PromQL selector) whose rate is the functional unit of the
+    # workload:kwatt_sci_grams_per_unit rule, e.g. requests or generated tokens.
+    sci_functional_unit: str = "vllm:request_success_total"
 
 
 # Fields the chart does not expose: rate_window is part of the recorded series' names that
 # the dashboards query, and budgets are a map the chart expands from a prototype rule.
 NOT_IN_CHART = frozenset({"rate_window", "namespace_budgets_kwh"})
 # Fields set at prometheusRule.<key>; every other chart field is prometheusRule.alerts.<key>.
-CHART_TOP_LEVEL = frozenset({"job", "daily_interval"})
+CHART_TOP_LEVEL = frozenset({"job", "daily_interval", "sci_functional_unit"})
 TOKEN_PREFIX = "__KWATT_"
 
 
@@ -187,8 +196,8 @@ def recording_groups(p: RuleParams) -> list[dict[str, Any]]:
                 f"/ on ({BY_NODE}) group_left ()\n"
                 f"sum by ({BY_NODE}) (rate(kwatt_node_energy_joules_total[{w}]))"),
     ]
-    # Daily energy, then carbon and cost per node first: intensity, price and PUE are per
-    # node (nodes may sit in different regions), so the join happens before summing.
+    # Daily energy; daily carbon and cost integrate the per-second rates of the
+    # kwatt.carbon-cost-rate group (carbon_rules.py), joined per node before summing.
     daily = [
         _record("node_namespace:kwatt_energy_joules:increase1d",
                 "sum by (cluster, node, namespace) "
@@ -198,32 +207,14 @@ def recording_groups(p: RuleParams) -> list[dict[str, Any]]:
         _record("workload:kwatt_energy_joules:increase1d",
                 "sum by (cluster, namespace, workload_kind, workload) "
                 "(increase(kwatt_workload_energy_joules_total[1d]))"),
-        _record("node:kwatt_carbon_grams_per_kwh:pue",
-                "kwatt_carbon_intensity_grams_per_kwh * on (cluster, node) kwatt_pue_ratio"),
-        _record("node:kwatt_energy_price_per_kwh:pue",
-                "sum by (cluster, node, currency) (\n"
-                "  kwatt_energy_price_per_kwh * on (cluster, node) group_left () "
-                "kwatt_pue_ratio\n)"),
-        _record("namespace:kwatt_carbon_grams:increase1d",
-                "sum by (cluster, namespace) (\n"
-                "  node_namespace:kwatt_energy_joules:increase1d / 3600000\n"
-                "  * on (cluster, node) group_left () node:kwatt_carbon_grams_per_kwh:pue\n)"),
-        _record("namespace:kwatt_cost:increase1d",
-                "sum by (cluster, namespace, currency) (\n"
-                "  node_namespace:kwatt_energy_joules:increase1d / 3600000\n"
-                "  * on (cluster, node) group_left (currency) "
-                "node:kwatt_energy_price_per_kwh:pue\n)"),
-        _record(f"namespace:kwatt_carbon_grams_per_hour:rate{w}",
-                "sum by (cluster, namespace) (\n"
-                f"  sum by (cluster, node, namespace) "
-                f"(rate(kwatt_namespace_energy_joules_total[{w}])) / 1000\n"
-                "  * on (cluster, node) group_left () node:kwatt_carbon_grams_per_kwh:pue\n)"),
+        *daily_carbon_cost_rules(w),
     ]
     daily_group: dict[str, Any] = {"name": "kwatt.energy-carbon-cost"}
     if p.daily_interval:
         daily_group["interval"] = p.daily_interval
     daily_group["rules"] = daily
-    groups = [{"name": "kwatt.power", "rules": power}, daily_group]
+    groups = [{"name": "kwatt.power", "rules": power}, carbon_cost_rate_group(w), daily_group,
+              ai_efficiency_group(w, p.sci_functional_unit)]
     if p.namespace_budgets_kwh:
         groups.append({"name": "kwatt.budgets", "rules": [
             _record("kwatt_namespace_energy_budget_joules",

@@ -20,14 +20,13 @@ from kwatt_dashboards.common import (
     DS,
     KWH,
     NS,
-    PUE_CARBON,
-    PUE_PRICE,
     UID_RUNS,
     UID_WORKLOAD,
     bars,
     cluster_variable,
     drill,
     new_dashboard,
+    over_range,
     query_variable,
     row,
     sel,
@@ -53,11 +52,6 @@ STEP_HOURS = "$__interval_ms / 1000 / 3600"
 STEP_SECONDS = "$__interval_ms / 1000"
 
 
-def _per_node_energy(selector: str) -> str:
-    return (f"sum by (cluster, node, namespace, workload_kind, workload) "
-            f"(increase({WL}{selector}[$__range]))")
-
-
 def run_queries(selector: str) -> dict[str, str]:
     """Column title -> instant query, one value per run."""
     pods = (f"max by (cluster, node, namespace, pod, workload_kind, workload) "
@@ -71,10 +65,13 @@ def run_queries(selector: str) -> dict[str, str]:
     return {
         "Energy": f"sum by ({BY_RUN}) (increase({WL}{selector}[$__range])) / {KWH}",
         "GPU-hours": f"sum_over_time(({gpus})[$__range:{STEP}]) * {STEP_HOURS}",
-        "Carbon": (f"sum by ({BY_RUN}) (\n  {_per_node_energy(selector)} / {KWH}\n"
-                   f"  * on (cluster, node) group_left () {PUE_CARBON}\n)"),
-        "Cost": (f"sum by ({BY_RUN}) (\n  {_per_node_energy(selector)} / {KWH}\n"
-                 f"  * on (cluster, node) group_left () {PUE_PRICE}\n)"),
+        # Carbon and cost integrate the recorded per-second rates, each at the intensity and
+        # price of its moment (kwatt.carbon-cost-rate), never energy x the latest value.
+        "Carbon": (f"sum by ({BY_RUN}) (\n  "
+                   f"{over_range(f'workload:kwatt_carbon_grams_per_second:rate5m{selector}')}"
+                   "\n)"),
+        "Cost": (f"sum by ({BY_RUN}) (\n  "
+                 f"{over_range(f'workload:kwatt_cost_per_second:rate5m{selector}')}\n)"),
         "Duration": f"count_over_time(({power} > 0)[$__range:{STEP}]) * {STEP_SECONDS}",
         "Peak power": f"max_over_time(({power})[$__range:{STEP}])",
     }
@@ -95,7 +92,8 @@ def run_table(currency_unit: str) -> Builder[dm.Panel]:
                  "with energy in the range: energy from the workload counter (one series per "
                  "run, restarted and short-lived pods included); GPU-hours from GPU "
                  "allocations (kubelet PodResources) joined to the pods' workload; carbon "
-                 "and cost per node (grid intensity, price, PUE); duration = time drawing "
+                 "and cost integrated from the recorded rates at each moment's intensity "
+                 "and price (with PUE); duration = time drawing "
                  "power and peak power, both sampled at the panel's interval. Sorted by energy.")
              .unit("none")
              .datasource(DS)

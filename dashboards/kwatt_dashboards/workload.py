@@ -5,6 +5,7 @@ from __future__ import annotations
 from grafana_foundation_sdk.builders import dashboard
 
 from kwatt_dashboards.common import (
+    INTEGRAL_MIN_STEP,
     KWH,
     NS,
     POD,
@@ -13,12 +14,11 @@ from kwatt_dashboards.common import (
     UID_WORKLOAD,
     WL,
     bars,
-    carbon_grams,
     cluster_variable,
-    cost,
     drill,
     grid,
     new_dashboard,
+    over_range,
     query_variable,
     row,
     sel,
@@ -48,7 +48,9 @@ def build(currency_unit: str) -> dashboard.Dashboard:
     ]
     to_node = drill(UID_NODE, "Node ${__field.labels.node}", node="node")
     to_gpu = drill(UID_GPU, "GPUs of ${__field.labels.node}", node="node")
-    per_node_range = f"sum by (cluster, node) (increase({CT_E}[$__range]))"
+    carbon = f"pod:kwatt_carbon_grams_per_second:rate5m{sel(NS, WL, POD)}"
+    embodied = f"pod:kwatt_embodied_grams_per_second:rate5m{sel(NS, WL, POD)}"
+    cost = f"pod:kwatt_cost_per_second:rate5m{sel(NS, WL, POD)}"
     return (
         new_dashboard(UID_WORKLOAD, "One workload or pod: power by container and component, "
                       "energy, carbon, cost and GPU share.", variables)
@@ -60,11 +62,18 @@ def build(currency_unit: str) -> dashboard.Dashboard:
             "Energy over range", "Energy of the selected pods over the range.", "kwatth",
             target(f"sum(increase({CT_E}[$__range])) / {KWH}", "energy", instant=True)))
         .with_panel(single(
-            "Carbon over range", "kWh per node x the node's grid intensity x PUE.", "massg",
-            target(carbon_grams(per_node_range), "CO2e", instant=True)))
+            "Carbon over range", "Operational: the integral of power x the node's grid "
+            "intensity at each moment x PUE (pod:kwatt_carbon_grams_per_second:rate5m). "
+            "Embodied: the share of the nodes' amortised embodied carbon, by energy.",
+            "massg",
+            target(f"sum({over_range(carbon)})", "operational", instant=True),
+            target(f"sum({over_range(embodied)})", "embodied", instant=True),
+            min_interval=INTEGRAL_MIN_STEP))
         .with_panel(single(
-            "Cost over range", "kWh per node x price per kWh x PUE.", currency_unit,
-            target(cost(per_node_range), "{{currency}}", instant=True)))
+            "Cost over range", "The integral of power x the price at each moment x PUE "
+            "(pod:kwatt_cost_per_second:rate5m).", currency_unit,
+            target(f"sum by (currency) ({over_range(cost)})", "{{currency}}", instant=True),
+            min_interval=INTEGRAL_MIN_STEP))
         .with_row(row("Containers"))
         .with_panel(ts(
             "Power by container and component", "Each container's power, split into cpu, "

@@ -26,6 +26,10 @@ SAMPLER_JOIN_SECONDS = 0.5
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["report"]:
+        # Imported here: the report is a Prometheus client, nothing the exporter loads.
+        from kwatt.report import main as report_main
+        return report_main(args[1:])
     if "--version" in args:
         print(f"kwatt-exporter {__version__}")
         return 0

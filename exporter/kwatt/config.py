@@ -175,6 +175,9 @@ class Config:
     # IPMI DCMI power reading in band (kwatt.sources.ipmi); empty: off.
     ipmi_device: str = ""
     ipmi_interval_seconds: float = 10.0
+    # Embodied carbon of this node's hardware (SCI's M), amortised over its lifetime.
+    embodied_kg_co2e: float | None = None
+    embodied_lifetime_years: float = 4.0
 
 
 # --------------------------------------------------------------------------- parsing values
@@ -502,6 +505,9 @@ FILE_ONLY: dict[str, tuple[str, Callable[[str, object], Any]]] = {
     "cost.price_per_kwh": ("energy_price_per_kwh", lambda k, v: _float(k, v, minimum=0)),
     "cost.currency": ("energy_price_currency", _string),
     "pue": ("pue", lambda k, v: _float(k, v, minimum=1.0, maximum=3.0)),
+    "embodied.kg_co2e": ("embodied_kg_co2e", lambda k, v: _float(k, v, minimum=0)),
+    "embodied.lifetime_years": (
+        "embodied_lifetime_years", lambda k, v: _float(k, v, minimum=0.1, maximum=50)),
     "attribution.idle_policy": (
         "attribution.idle_policy", lambda k, v: _choice(k, v, IDLE_POLICIES)),
     "attribution.idle_watts.cpu": (

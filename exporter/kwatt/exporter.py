@@ -83,7 +83,8 @@ def _static_info(config: Config) -> StaticInfo:
         carbon_intensity_grams_per_kwh=config.carbon_intensity_grams_per_kwh,
         energy_price_per_kwh=config.energy_price_per_kwh,
         energy_price_currency=config.energy_price_currency, pue=config.pue,
-        carbon_zone=static_zone(config, "carbon"), price_zone=static_zone(config, "cost"))
+        carbon_zone=static_zone(config, "carbon"), price_zone=static_zone(config, "cost"),
+        embodied_grams_per_second=embodied_grams_per_second(config))
 
 
 def _estimation_coefficients(config: Config, kubernetes: bool) -> Coefficients:
@@ -117,6 +118,18 @@ def _with_coefficients(config: Config, chosen: Coefficients) -> Config:
     return dataclasses.replace(config, model=dataclasses.replace(
         config.model, cpu_watts_idle_per_vcpu=chosen.idle_watts_per_vcpu,
         cpu_watts_max_per_vcpu=chosen.max_watts_per_vcpu))
+
+
+SECONDS_PER_YEAR = 365.25 * 86400
+
+
+def embodied_grams_per_second(config: Config) -> float | None:
+    """SCI's M per second: the hardware's embodied kg CO2e spread evenly over its
+    expected lifetime (linear amortisation, as SCI's time share does)."""
+    if config.embodied_kg_co2e is None:
+        return None
+    return config.embodied_kg_co2e * 1000.0 / (config.embodied_lifetime_years
+                                               * SECONDS_PER_YEAR)
 
 
 class Exporter:

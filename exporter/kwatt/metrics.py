@@ -39,6 +39,8 @@ class StaticInfo:
     # Zone labels of the static carbon intensity and price (configured; "" when unset).
     carbon_zone: str = ""
     price_zone: str = ""
+    # Embodied carbon amortised per second of the hardware's lifetime; None: not configured.
+    embodied_grams_per_second: float | None = None
 
 
 class KwattCollector(Collector):
@@ -191,6 +193,13 @@ class KwattCollector(Collector):
             labels=("node",))
         family.add_metric((info.node,), info.pue)
         yield family
+        if info.embodied_grams_per_second is not None:
+            family = GaugeMetricFamily(
+                "kwatt_embodied_grams_per_second",
+                "Embodied carbon of the node's hardware from config, amortised over its "
+                "lifetime (g CO2e per second).", labels=("node",))
+            family.add_metric((info.node,), info.embodied_grams_per_second)
+            yield family
 
 
 def _bound(value: float) -> str:

@@ -15,7 +15,8 @@ from kwatt.config import FILE_ONLY, SETTINGS, Config
 
 LIVE_SETTINGS = frozenset({
     "web_config_file", "log_level", "log_format", "carbon_intensity_grams_per_kwh",
-    "energy_price_per_kwh", "energy_price_currency", "pue",
+    "energy_price_per_kwh", "energy_price_currency", "pue", "embodied_kg_co2e",
+    "embodied_lifetime_years",
 })
 
 # Config field (dotted for nested ones) -> the name a user writes in the YAML file.
