@@ -105,5 +105,21 @@ class FakeNvml:
     def mig_enabled(self, uuid: str) -> bool:
         return self._gpu(uuid, "mig_enabled").mig_enabled
 
-    def mig_instances(self, uuid: str) -> list[MigInstance]:
-        return list(self._gpu(uuid, "mig_instances").instances)
+    def mig_layout(self, uuid: str) -> list[MigInstance]:
+        gpu = self._gpu(uuid, "mig_layout")
+        # As PynvmlBackend enumerates: the slot count, then five calls per instance.
+        self.calls += len(gpu.instances) * 5
+        return list(gpu.instances)
+
+    def instance_pids(self, instance_uuid: str) -> list[int]:
+        self.calls += 1
+        for gpu in self.gpus:
+            for instance in gpu.instances:
+                if instance.uuid == instance_uuid:
+                    if gpu.lost:
+                        raise NvmlCallError("lost", "GPU is lost")
+                    if "instance_pids" in gpu.failing:
+                        raise NvmlCallError(gpu.failing["instance_pids"],
+                                            "injected instance_pids failure")
+                    return list(instance.pids)
+        raise NvmlCallError("not_found", f"no MIG device {instance_uuid}")

@@ -128,11 +128,16 @@ def test_lost_gpu_drops_handle_and_is_found_again(driver: Driver) -> None:
     assert driver.lookups >= 1, "the handle was looked up again by UUID"
 
 
-def test_mig_instances_skip_empty_slots(driver: Driver) -> None:
+def test_mig_layout_skips_empty_slots_and_instance_pids_reuse_its_handles(
+        driver: Driver) -> None:
     from kwatt.sources.nvml import PynvmlBackend
 
     driver.mig["GPU-a"] = [("MIG-1", 3, "3g.20gb", [11]), None, ("MIG-2", 4, "4g.20gb", [])]
     backend = PynvmlBackend()
     assert backend.mig_enabled("GPU-a") and not backend.mig_enabled("GPU-b")
-    assert backend.mig_instances("GPU-a") == [
-        MigInstance("MIG-1", 1, 3, "3g.20gb", (11,)), MigInstance("MIG-2", 1, 4, "4g.20gb")]
+    assert backend.mig_layout("GPU-a") == [
+        MigInstance("MIG-1", 1, 3, "3g.20gb"), MigInstance("MIG-2", 1, 4, "4g.20gb")]
+    lookups = driver.lookups
+    assert backend.instance_pids("MIG-1") == [11]
+    assert backend.instance_pids("MIG-2") == []
+    assert driver.lookups == lookups, "the instance handles from the layout are reused"

@@ -75,6 +75,7 @@ class Config:
     pod_resources_socket: str = DEFAULT_POD_RESOURCES_SOCKET
     gpu: str = "auto"
     gpu_resource_names: tuple[str, ...] = DEFAULT_GPU_RESOURCE_NAMES
+    gpu_mig_refresh_seconds: float = 60.0
     log_level: str = "info"
     log_format: str = "logfmt"
     retention_seconds: float = 300.0
@@ -269,6 +270,10 @@ SETTINGS: tuple[Setting, ...] = (
             lambda k, v: v if isinstance(v, str) else _string(k, v),
             "file keeping the last counters across restarts, so a restart loses no energy; "
             "empty: off (default off)", "FILE"),
+    Setting("--gpu.mig-refresh", "gpu.mig_refresh", "gpu_mig_refresh_seconds",
+            _positive_duration,
+            "how often cached MIG layouts are enumerated again without a sign of "
+            "reconfiguration (default 1m)", "DURATION"),
 )
 
 # Keys only the YAML file (or env) sets: nested and rarely changed.

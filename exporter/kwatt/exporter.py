@@ -73,7 +73,8 @@ class Exporter:
                  ssl_context: ssl.SSLContext | None = None,
                  gpu_backend_factory: Callable[[], NvmlBackend] | None = None,
                  server_limits: ServerLimits = DEFAULT_LIMITS,
-                 tls_reload_period_seconds: float = DEFAULT_PERIOD_SECONDS) -> None:
+                 tls_reload_period_seconds: float = DEFAULT_PERIOD_SECONDS,
+                 gpu_read_wait_seconds: float | None = None) -> None:
         self.config = config
         self.web_config = web_config or WebConfig()
         self.ssl_context = ssl_context
@@ -83,7 +84,9 @@ class Exporter:
         self._cert_watcher: CertWatcher | None = None
         self._secure: SecureApp | None = None
         self.namer: WorkloadNamer = HostNamer(config.docker_root)
-        gpu = build_gpu_stage(config, gpu_backend_factory)
+        gpu = build_gpu_stage(config, gpu_backend_factory,
+                              read_wait_seconds=gpu_read_wait_seconds)
+        self._gpu_stage = gpu[0] if gpu else None
         stages: list[EnergyStage] = [gpu[0]] if gpu else []
         self.kube: KubernetesParts | None = None
         if kubernetes_enabled(config):
@@ -201,6 +204,8 @@ class Exporter:
         if self.server is not None:
             self.server.shutdown(timeout=1.0)
         self.stop_watch()
+        if self._gpu_stage is not None:
+            self._gpu_stage.stop()
 
     def stop_watch(self) -> None:
         if self.kube is not None:

@@ -41,6 +41,8 @@ class GpuSnapshot:
     driver_version: str = ""
     gpus: tuple[GpuRow, ...] = ()
     allocations: tuple[AllocationRow, ...] = ()
+    read_seconds: float | None = None  # how long the last reading of every GPU took
+    read_overruns: int = 0  # readings still running when the next was due
 
 
 class GpuCollector(Collector):
@@ -86,7 +88,18 @@ class GpuCollector(Collector):
         for row in snap.allocations:
             allocation.add_metric((node, str(row.gpu), row.uuid, row.namespace, row.pod,
                                    row.container, row.resource), 1.0)
-        yield from (energy, power, utilisation, info, up, allocation)
+        duration = GaugeMetricFamily(
+            "kwatt_gpu_read_duration_seconds", "How long the last reading of every GPU "
+            "took on the GPU thread (its NVML calls).",
+            labels=("node",))
+        if snap.read_seconds is not None:
+            duration.add_metric((node,), snap.read_seconds)
+        overruns = CounterMetricFamily(
+            "kwatt_gpu_read_overruns_total", "GPU readings still running when the next was "
+            "due (slow or hung driver); their energy is booked when they complete.",
+            labels=("node",))
+        overruns.add_metric((node,), float(snap.read_overruns))
+        yield from (energy, power, utilisation, info, up, allocation, duration, overruns)
 
 
 def render_gpu(node: str) -> Callable[[object | None], Iterable[Metric]]:

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Hashable, Mapping
+from dataclasses import replace
 
 from kwatt.attribution import ComponentSplit
 from kwatt.config import Config
@@ -28,11 +29,12 @@ from kwatt.gpu_attribution import (
     merge_splits,
 )
 from kwatt.gpu_metrics import AllocationRow, GpuRow, GpuSnapshot, render_gpu
+from kwatt.gpu_poller import GpuPoller, merge_cycles
 from kwatt.ledger import WorkloadLabels
 from kwatt.logs import RateLimitedLog
 from kwatt.sampler import StageResult
 from kwatt.sources import nvml
-from kwatt.sources.nvml import GpuReader, GpuReading, NvmlBackend
+from kwatt.sources.nvml import GpuReader, GpuReading, NvmlBackend, NvmlCycle
 from kwatt.state import GpuCounter
 from kwatt.text import decode_bytes
 from kwatt.workloads import podresources
@@ -46,6 +48,16 @@ Holder = CgroupIdentity | Unattributed
 # Its SM samples are ignored rather than charged to "system", so that a shared GPU is split
 # evenly when kwatt cannot see the processes at all.
 INVISIBLE = CgroupIdentity("invisible")
+
+
+# The GPU thread's NVML time per reading, as a fraction of the interval: slow MIG calls
+# beyond it wait for the next reading, so readings keep up with the sampler.
+READ_BUDGET_FRACTION = 0.8
+# How long the sampler waits for this cycle's reading, as a fraction of the interval: short
+# enough that CPU figures are published on time (within 5 % of the interval).
+READ_WAIT_FRACTION = 0.05
+# A reading running longer than this (and at least 3 intervals) means a hung driver.
+STALL_SECONDS = 10.0
 
 
 class GpuUnavailable(Exception):
@@ -85,9 +97,20 @@ class GpuStage:
     """``EnergyStage`` for NVIDIA GPUs."""
 
     def __init__(self, reader: GpuReader, client: PodResourcesClient | None, procfs: str,
-                 pid_identity: Callable[[str, int], CgroupIdentity | None] = identity_of_pid
-                 ) -> None:
+                 pid_identity: Callable[[str, int], CgroupIdentity | None] = identity_of_pid,
+                 poller: GpuPoller | None = None, read_wait_seconds: float = 0.0,
+                 stall_seconds: float = STALL_SECONDS) -> None:
+        """``poller``: read on its own thread, waiting ``read_wait_seconds`` for each
+        reading; None: read inline in ``sample`` (``--once``, tests that step cycles)."""
         self._reader = reader
+        self._poller = poller
+        self._read_wait = read_wait_seconds
+        self._stall_seconds = stall_seconds
+        # The raw counters of the readings booked so far (restart state): the reader's
+        # own can be a reading ahead while the GPU thread runs.
+        self._counters: dict[str, tuple[int, float]] = {}
+        self._last_watts: dict[tuple[str, str], float] = {}
+        self._last_nvml_up = True
         self._client = client
         self._procfs = procfs
         self._pid_identity = pid_identity
@@ -108,12 +131,50 @@ class GpuStage:
     # -- restart state ----------------------------------------------------------------
 
     def export_counters(self) -> dict[str, GpuCounter]:
-        return {uuid: GpuCounter(mj, when) for uuid, (mj, when) in
-                self._reader.counters().items()}
+        return {uuid: GpuCounter(mj, when) for uuid, (mj, when) in self._counters.items()}
 
     def restore_counters(self, counters: Mapping[str, GpuCounter]) -> int:
-        return self._reader.seed({uuid: (c.energy_mj, c.monotonic)
-                                  for uuid, c in counters.items()})
+        """Before the first cycle (the GPU thread starts with the first request)."""
+        seeds = {uuid: (c.energy_mj, c.monotonic) for uuid, c in counters.items()}
+        seeded = self._reader.seed(seeds)
+        known = self._reader.counters()
+        self._counters.update({u: v for u, v in seeds.items() if known.get(u) == v})
+        return seeded
+
+    def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.stop()
+
+    def _read(self, want_pids: bool) -> NvmlCycle | None:
+        """This cycle's reading; None when the GPU thread has none ready yet."""
+        if self._poller is None:
+            return self._reader.read(want_pids)
+        if not self._poller.request(want_pids):
+            self._ratelog.log(logging.WARNING, "overrun",
+                              "GPU reading overran its interval; GPU energy is booked when "
+                              "it completes", busy_seconds=round(self._poller.busy_seconds(), 3),
+                              overruns=self._poller.overruns)
+        cycles = self._poller.take(self._read_wait)
+        return merge_cycles(cycles) if cycles else None
+
+    def _no_reading(self, faults: list[Fault], source_up: dict[str, bool]) -> StageResult:
+        """No new reading this cycle: book nothing (the energy waits in the counters),
+        keep the last figures, and report a reading that hangs as an NVML timeout."""
+        assert self._poller is not None
+        busy = self._poller.busy_seconds()
+        snap = self._snapshot
+        if busy > self._stall_seconds:
+            faults.append(Fault(nvml.SOURCE, "timeout", "gpu-thread",
+                                f"no NVML reading completed for {busy:.1f}s"))
+            source_up[nvml.SOURCE] = self._last_nvml_up = False
+            self._last_watts = {}
+            snap = self._snapshot = replace(snap, gpus=tuple(
+                replace(row, up=False, power_watts=None, utilisation=None)
+                for row in snap.gpus))
+        else:
+            source_up[nvml.SOURCE] = self._last_nvml_up
+        snap = self._snapshot = replace(snap, read_overruns=self._poller.overruns)
+        return StageResult([], faults, source_up, dict(self._last_watts), snap)
 
     # -- one cycle --------------------------------------------------------------------
 
@@ -137,10 +198,17 @@ class GpuStage:
 
         # NVML is read after the kubelet answered, however long that took: each GPU's
         # energy carries its own read time, so power is never skewed by the wait.
-        cycle = self._reader.read(want_pids=allocations is None or self._unmatched_holders)
+        cycle = self._read(want_pids=allocations is None or self._unmatched_holders)
+        if cycle is None:
+            return self._no_reading(faults, source_up)
         self.last_nvml_calls = cycle.calls
         faults.extend(cycle.faults)
-        source_up[nvml.SOURCE] = not cycle.faults
+        source_up[nvml.SOURCE] = self._last_nvml_up = not cycle.faults
+        for gpu in cycle.gpus:
+            if not gpu.up:
+                self._counters.pop(gpu.uuid, None)
+            elif gpu.counter_mj is not None and gpu.read_at is not None:
+                self._counters[gpu.uuid] = (gpu.counter_mj, gpu.read_at)
 
         seen_pids: set[int] = set()
         gpu_pids = {g.uuid: g.compute_pids for g in cycle.gpus}
@@ -168,7 +236,9 @@ class GpuStage:
             gpu_rows.append(self._account(gpu))
         for pid in [p for p in self._pid_cache if p not in seen_pids]:
             del self._pid_cache[pid]
-        self._snapshot = GpuSnapshot(self._reader.driver_version, tuple(gpu_rows), rows)
+        self._snapshot = GpuSnapshot(
+            self._reader.driver_version, tuple(gpu_rows), rows, cycle.seconds,
+            self._poller.overruns if self._poller is not None else 0)
         # One booking per cycle for all GPUs; a cycle with no GPU energy books nothing.
         booked: list[ComponentSplit[Hashable]] = []
         watts: dict[tuple[str, str], float] = {}
@@ -178,6 +248,7 @@ class GpuStage:
             # Node GPU power from each GPU's own interval, as kwatt_gpu_power_watts.
             watts[(merged.component, merged.source)] = sum(
                 row.power_watts for row in gpu_rows if row.up and row.power_watts is not None)
+        self._last_watts = watts
         return StageResult(booked, faults, source_up, watts, self._snapshot)
 
     def _account(self, gpu: GpuReading) -> GpuRow:
@@ -297,15 +368,18 @@ class GpuStage:
 
 def build_gpu_stage(config: Config,
                     backend_factory: Callable[[], NvmlBackend] | None = None,
-                    clock: Callable[[], float] = time.monotonic
+                    clock: Callable[[], float] = time.monotonic,
+                    read_wait_seconds: float | None = None
                     ) -> tuple[GpuStage, StageRenderer] | None:
     """The GPU stage for ``--gpu auto|on|off``; None when GPUs are off or absent (auto).
 
+    GPUs are read on their own thread (inline with ``--once``). ``read_wait_seconds``: how
+    long a cycle waits for its reading (default ``READ_WAIT_FRACTION`` of the interval).
     Raises ``GpuUnavailable`` for ``--gpu on`` when NVML cannot be loaded or sees no GPU.
     """
     if config.gpu == "off":
         return None
-    reader, why = nvml.load_backend(backend_factory, clock)
+    reader, why = nvml.load_backend(backend_factory, clock, config.gpu_mig_refresh_seconds)
     if reader is not None and not reader.gpu_count:
         reader, why = None, "NVML lists no GPU"
     if reader is None:
@@ -331,5 +405,10 @@ def build_gpu_stage(config: Config,
                  extra={"kubernetes": config.kubernetes, "socket": socket})
     log.info("reading GPU energy through NVML", extra={
         "gpus": reader.gpu_count, "driver_version": reader.driver_version})
-    stage = GpuStage(reader, client, config.procfs)
+    interval = config.interval_seconds
+    poller = None if config.once else GpuPoller(
+        reader, READ_BUDGET_FRACTION * interval, clock)
+    wait = READ_WAIT_FRACTION * interval if read_wait_seconds is None else read_wait_seconds
+    stage = GpuStage(reader, client, config.procfs, poller=poller, read_wait_seconds=wait,
+                     stall_seconds=max(STALL_SECONDS, 3 * interval))
     return stage, render_gpu(config.node_name)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from kwatt.counters import CounterLimits, ceiling_from_limits, checked_step
@@ -82,7 +82,11 @@ class NvmlBackend(Protocol):
     def process_utilisation(self, uuid: str, since_us: int) -> list[ProcessSample]: ...
     def compute_pids(self, uuid: str) -> list[int]: ...
     def mig_enabled(self, uuid: str) -> bool: ...
-    def mig_instances(self, uuid: str) -> list[MigInstance]: ...
+    def mig_layout(self, uuid: str) -> list[MigInstance]:
+        """The MIG instances of a GPU without their processes: UUID, GPU-instance id,
+        slices, profile. Expensive (several calls per instance): the reader caches it."""
+    def instance_pids(self, instance_uuid: str) -> list[int]:
+        """Compute processes running in one MIG instance (one call on its device)."""
 
 
 @dataclass(frozen=True)
@@ -104,11 +108,16 @@ class GpuReading:
     read_at: float | None = None  # when the energy was read, on the reader's clock
 
 
+    counter_mj: int | None = None  # the raw energy counter read (restart state)
+
+
 @dataclass(frozen=True)
 class NvmlCycle:
     gpus: tuple[GpuReading, ...]
     faults: tuple[Fault, ...]
     calls: int  # NVML calls made this cycle, for the benchmark
+    deferred: int = 0  # MIG calls left for a later cycle because the budget was spent
+    seconds: float = 0.0  # how long the cycle took, on the reader's clock
 
 
 @dataclass
@@ -126,20 +135,34 @@ class _GpuState:
     last_seen_us: int = 0
     static_known: bool = False
     ceiling_watts: float = GPU_BOUND_WATTS
+    mig_capable: bool = True  # False once the MIG mode query says "not supported"
+    # The MIG layout (instances without processes) is cached: it changes only when MIG is
+    # reconfigured, and enumerating it costs several slow calls per instance.
+    layout_known: bool = False
+    layout_read_at: float | None = None
     instances: tuple[MigInstance, ...] = field(default_factory=tuple)
+    instance_pids: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 class GpuReader:
-    """Reads every GPU once per cycle through a backend; keeps the counter state."""
+    """Reads every GPU once per cycle through a backend; keeps the counter state.
+
+    ``mig_refresh_seconds``: how often a cached MIG layout is enumerated again although
+    nothing signalled a reconfiguration (an instance created in free slices signals
+    nothing). MIG mode changes and instances that vanish trigger a refresh at once.
+    """
 
     def __init__(self, backend: NvmlBackend,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 mig_refresh_seconds: float = 60.0) -> None:
         self._backend = backend
         # Each GPU's energy is stamped when it is read, not when the cycle began: the
         # stage may have waited on the kubelet first, and power is joules over these times.
         self._clock = clock
+        self._mig_refresh = mig_refresh_seconds
         self._gpus: dict[str, _GpuState] = {}
         self._calls = 0
+        self._next_instance = 0  # round-robin start for instance reads cut by the budget
         self.driver_version = ""
 
     @property
@@ -171,25 +194,42 @@ class GpuReader:
                 self._gpus[uuid] = _GpuState(uuid, position)
                 log.info("found GPU", extra={"gpu": position, "uuid": uuid})
 
+    def _mig_mode(self, gpu: _GpuState, faults: list[Fault]) -> bool | None:
+        """The MIG mode now; None when the query failed (a fault)."""
+        if not gpu.mig_capable:
+            return False
+        try:
+            self._calls += 1
+            return bool(self._backend.mig_enabled(gpu.uuid))
+        except NvmlCallError as exc:
+            if exc.kind == "not_supported":  # pre-Ampere GPUs: MIG simply does not exist
+                gpu.mig_capable = False
+                return False
+            faults.append(Fault(SOURCE, _FAULT_REASON.get(exc.kind, "api"), gpu.uuid,
+                                f"mig_enabled: {exc.detail}"))
+            return None
+
     def _learn_static(self, gpu: _GpuState, faults: list[Fault]) -> bool:
         before = len(faults)
         b = self._backend
         index = self._call(faults, gpu.uuid, b.index, gpu.uuid)
         model = self._call(faults, gpu.uuid, b.name, gpu.uuid)
-        try:
-            self._calls += 1
-            mig = b.mig_enabled(gpu.uuid)
-        except NvmlCallError as exc:
-            if exc.kind != "not_supported":  # pre-Ampere GPUs: MIG simply does not exist
-                faults.append(Fault(SOURCE, _FAULT_REASON.get(exc.kind, "api"), gpu.uuid,
-                                    f"mig_enabled: {exc.detail}"))
-            mig = False
+        mig = self._mig_mode(gpu, faults)
         if len(faults) > before:
             return False
-        gpu.index, gpu.model, gpu.mig_enabled = int(index), str(model), bool(mig)
+        gpu.index, gpu.model = int(index), str(model)
+        self._set_mig_mode(gpu, bool(mig))
         gpu.ceiling_watts = self._current_ceiling(gpu)
         gpu.static_known = True
         return True
+
+    def _set_mig_mode(self, gpu: _GpuState, enabled: bool) -> None:
+        if enabled != gpu.mig_enabled or not enabled:
+            gpu.layout_known = False
+            gpu.layout_read_at = None
+            gpu.instances = ()
+            gpu.instance_pids = {}
+        gpu.mig_enabled = enabled
 
     def _current_ceiling(self, gpu: _GpuState) -> float:
         """Twice the enforced power limit as it is now, at most ``GPU_BOUND_WATTS``."""
@@ -200,15 +240,24 @@ class GpuReader:
             limits = []  # the limit only narrows the ceiling; without it the bound applies
         return ceiling_from_limits(limits, GPU_BOUND_WATTS)
 
-    def read(self, want_pids: bool) -> NvmlCycle:
-        """One reading of every GPU. ``want_pids``: also list compute processes (host mode)."""
+    def read(self, want_pids: bool, budget_seconds: float | None = None) -> NvmlCycle:
+        """One reading of every GPU. ``want_pids``: also list compute processes (host mode).
+
+        Every GPU's energy is read in every cycle. The slow MIG calls (layouts, instance
+        processes) start only while ``budget_seconds`` (None: no bound) has not been spent
+        since the cycle began; the rest wait for the next cycle, round-robin, and keep
+        their last known processes meanwhile."""
         self._calls = 0
+        started = self._clock()
         faults: list[Fault] = []
         if any(not g.up for g in self._gpus.values()):
             self._discover(faults)  # a GPU that fell off the bus may come back renumbered
-        out = [self._read_gpu(gpu, want_pids, faults) for gpu in self._gpus.values()]
-        out.sort(key=lambda r: r.index)
-        return NvmlCycle(tuple(out), tuple(faults), self._calls)
+        readings = {uuid: self._read_gpu(gpu, want_pids, faults)
+                    for uuid, gpu in self._gpus.items()}
+        deferred = self._read_mig(readings, faults, started, budget_seconds)
+        out = sorted(readings.values(), key=lambda r: r.index)
+        return NvmlCycle(tuple(out), tuple(faults), self._calls, deferred,
+                         self._clock() - started)
 
     def counters(self) -> dict[str, tuple[int, float]]:
         """UUID -> (energy mJ, when read) the next deltas start from (restart state)."""
@@ -236,17 +285,33 @@ class GpuReader:
         gpu.last_energy_mj = gpu.last_power_mw = None
         gpu.last_time = None
         gpu.static_known = False
+        gpu.layout_known = False
         return GpuReading(gpu.index, gpu.uuid, gpu.model, gpu.mig_enabled, up=False)
 
     def _read_gpu(self, gpu: _GpuState, want_pids: bool,
                   faults: list[Fault]) -> GpuReading:
         b = self._backend
         before = len(faults)
+        known_before = gpu.static_known
         if not gpu.static_known and not self._learn_static(gpu, faults):
             return self._mark_down(gpu)
         if not gpu.up:
             log.info("GPU is back", extra={"gpu": gpu.index, "uuid": gpu.uuid})
             gpu.up = True
+        if known_before and gpu.mig_enabled:
+            # The cheap reconfiguration check: one call on the parent, every cycle. (Turning
+            # MIG on needs a GPU reset, which re-learns everything anyway.)
+            mig = self._mig_mode(gpu, faults)
+            if mig is None:
+                return self._mark_down(gpu)
+            if mig != gpu.mig_enabled:
+                log.info("GPU MIG mode changed", extra={
+                    "gpu": gpu.index, "uuid": gpu.uuid, "mig": mig})
+                self._set_mig_mode(gpu, mig)
+        if gpu.mig_enabled and not gpu.layout_known and gpu.last_time is not None:
+            # Until the layout is known the energy cannot be split: it stays in the
+            # counter and is booked, whole, by the first reading after the layout is read.
+            return GpuReading(gpu.index, gpu.uuid, gpu.model, True, True)
 
         implausible: list[Fault] = []
         joules, energy_source, read_at = self._energy(gpu, faults, implausible)
@@ -260,15 +325,10 @@ class GpuReader:
 
         utilisation: float | None = None
         samples: tuple[ProcessSample, ...] = ()
-        instances: tuple[MigInstance, ...] = ()
         pids: tuple[int, ...] = ()
-        if gpu.mig_enabled:
+        if not gpu.mig_enabled:
             # MIG has no device or per-process utilisation; instance activity comes from
-            # the processes running in each instance.
-            found = self._call(faults, gpu.uuid, b.mig_instances, gpu.uuid)
-            instances = tuple(found) if found is not None else gpu.instances
-            gpu.instances = instances
-        else:
+            # the processes running in each instance (read in _read_mig).
             percent = self._optional(gpu, faults, b.utilisation_percent, gpu.uuid)
             utilisation = None if percent is None else min(max(percent / 100.0, 0.0), 1.0)
             samples = self._process_samples(gpu, faults)
@@ -277,9 +337,93 @@ class GpuReader:
                 pids = tuple(found or ())
         if any(f.reason == "absent" for f in faults[before:]):
             return self._mark_down(gpu)
+        counter = gpu.last_energy_mj if energy_source == "counter" else None
         return GpuReading(gpu.index, gpu.uuid, gpu.model, gpu.mig_enabled, True,
                           joules if dt is not None else None, dt, utilisation, samples, pids,
-                          instances, energy_source, read_at)
+                          (), energy_source, read_at, counter)
+
+    def _read_mig(self, readings: dict[str, GpuReading], faults: list[Fault],
+                  started: float, budget: float | None) -> int:
+        """Layouts that are unknown or due, then instance processes, within the budget.
+        Returns how many calls were left for later."""
+        mig = [g for g in self._gpus.values()
+               if g.up and g.mig_enabled and g.static_known]
+        if not mig:
+            return 0
+        now = self._clock()
+        layouts = [g for g in mig if not g.layout_known] + [
+            g for g in mig if g.layout_known and g.layout_read_at is not None
+            and now - g.layout_read_at >= self._mig_refresh]
+        deferred = 0
+
+        def spent() -> bool:
+            return budget is not None and self._clock() - started >= budget
+
+        for gpu in layouts:
+            if spent():
+                deferred += 1
+                continue
+            self._read_layout(gpu, faults)
+        # Instance processes, round-robin so that a budget cut never starves the same ones.
+        instances = [(g, i) for g in mig if g.up and g.layout_known for i in g.instances]
+        if instances:
+            start = self._next_instance % len(instances)
+            order = instances[start:] + instances[:start]
+            for done, (gpu, instance) in enumerate(order):
+                if spent():
+                    deferred += len(order) - done
+                    self._next_instance = start + done
+                    break
+                if gpu.up and gpu.layout_known:
+                    self._read_instance_pids(gpu, instance, faults)
+            else:
+                self._next_instance = 0
+        for gpu in mig:
+            reading = readings[gpu.uuid]
+            if not gpu.up:
+                readings[gpu.uuid] = GpuReading(gpu.index, gpu.uuid, gpu.model, True, False)
+            elif reading.up:
+                readings[gpu.uuid] = replace(reading, instances=tuple(
+                    replace(i, pids=gpu.instance_pids.get(i.uuid, ()))
+                    for i in gpu.instances))
+        return deferred
+
+    def _read_layout(self, gpu: _GpuState, faults: list[Fault]) -> None:
+        before = len(faults)
+        found = self._call(faults, gpu.uuid, self._backend.mig_layout, gpu.uuid)
+        if found is None:
+            if any(f.reason == "absent" for f in faults[before:]):
+                self._mark_down(gpu)
+            return
+        layout = tuple(replace(i, pids=()) for i in found)
+        if gpu.layout_known and {i.uuid for i in layout} != {i.uuid for i in gpu.instances}:
+            log.info("MIG layout changed", extra={
+                "gpu": gpu.index, "uuid": gpu.uuid,
+                "instances": ",".join(f"{i.profile}:{i.uuid}" for i in layout)})
+        gpu.instances = layout
+        gpu.instance_pids = {i.uuid: gpu.instance_pids.get(i.uuid, ()) for i in layout}
+        gpu.layout_known = True
+        gpu.layout_read_at = self._clock()
+
+    def _read_instance_pids(self, gpu: _GpuState, instance: MigInstance,
+                            faults: list[Fault]) -> None:
+        self._calls += 1
+        try:
+            pids = self._backend.instance_pids(instance.uuid)
+        except NvmlCallError as exc:
+            if exc.kind == "not_found":
+                # The instance is gone: MIG was reconfigured. Read the layout again; until
+                # then the GPU's energy waits in its counter.
+                log.info("MIG instance vanished; reading the layout again", extra={
+                    "gpu": gpu.index, "uuid": gpu.uuid, "instance": instance.uuid})
+                gpu.layout_known = False
+                return
+            faults.append(Fault(SOURCE, _FAULT_REASON.get(exc.kind, "api"), gpu.uuid,
+                                f"instance_pids {instance.uuid}: {exc.detail}"))
+            if exc.kind == "lost":
+                self._mark_down(gpu)
+            return
+        gpu.instance_pids[instance.uuid] = tuple(int(p) for p in pids)
 
     def _optional(self, gpu: _GpuState, faults: list[Fault], fn: Callable[..., Any],
                   *args: Any) -> Any:
@@ -462,7 +606,7 @@ class PynvmlBackend:
         current, _pending = self._run(self._nv.nvmlDeviceGetMigMode, uuid)
         return bool(current == self._nv.NVML_DEVICE_MIG_ENABLE)
 
-    def mig_instances(self, uuid: str) -> list[MigInstance]:
+    def mig_layout(self, uuid: str) -> list[MigInstance]:
         nv = self._nv
 
         def each(parent: Any) -> list[MigInstance]:
@@ -476,18 +620,21 @@ class PynvmlBackend:
                     raise
                 attributes = nv.nvmlDeviceGetAttributes(mig)
                 name = str(nv.nvmlDeviceGetName(mig))
-                try:
-                    pids = tuple(int(p.pid) for p in
-                                 nv.nvmlDeviceGetComputeRunningProcesses(mig))
-                except nv.NVMLError:
-                    pids = ()
+                instance_uuid = str(nv.nvmlDeviceGetUUID(mig))
+                # Kept for instance_pids: the steady state makes one call per instance.
+                self._handles[instance_uuid] = mig
                 out.append(MigInstance(
-                    uuid=str(nv.nvmlDeviceGetUUID(mig)),
+                    uuid=instance_uuid,
                     gpu_instance_id=int(nv.nvmlDeviceGetGpuInstanceId(mig)),
                     slices=int(attributes.gpuInstanceSliceCount),
-                    profile=_mig_profile(name), pids=pids))
+                    profile=_mig_profile(name)))
             return out
         return list(self._run(each, uuid))
+
+    def instance_pids(self, instance_uuid: str) -> list[int]:
+        # nvmlDeviceGetHandleByUUID accepts MIG UUIDs too, should the handle be dropped.
+        return [int(p.pid) for p in self._run(
+            self._nv.nvmlDeviceGetComputeRunningProcesses, instance_uuid)]
 
 
 def _mig_profile(device_name: str) -> str:
@@ -497,12 +644,13 @@ def _mig_profile(device_name: str) -> str:
 
 
 def load_backend(factory: Callable[[], NvmlBackend] | None = None,
-                 clock: Callable[[], float] = time.monotonic
+                 clock: Callable[[], float] = time.monotonic,
+                 mig_refresh_seconds: float = 60.0
                  ) -> tuple[GpuReader | None, str]:
     """A started reader, or None and a one-line reason why NVML cannot be used."""
     try:
         backend = factory() if factory is not None else PynvmlBackend()
-        reader = GpuReader(backend, clock)
+        reader = GpuReader(backend, clock, mig_refresh_seconds)
         faults = reader.start()
     except (NvmlUnavailable, ImportError, OSError) as exc:
         return None, str(exc) or type(exc).__name__
