@@ -53,9 +53,10 @@ INVISIBLE = CgroupIdentity("invisible")
 # The GPU thread's NVML time per reading, as a fraction of the interval: slow MIG calls
 # beyond it wait for the next reading, so readings keep up with the sampler.
 READ_BUDGET_FRACTION = 0.8
-# How long the sampler waits for this cycle's reading, as a fraction of the interval: short
-# enough that CPU figures are published on time (within 5 % of the interval).
-READ_WAIT_FRACTION = 0.05
+# The sampler does not wait for the reading it asks for: it books the readings finished
+# since its last cycle (the GPU figures lag by up to one interval), so whether a reading is
+# fast or slow never moves the time at which the CPU figures are published.
+READ_WAIT_SECONDS = 0.0
 # A reading running longer than this (and at least 3 intervals) means a hung driver.
 STALL_SECONDS = 10.0
 
@@ -374,7 +375,7 @@ def build_gpu_stage(config: Config,
     """The GPU stage for ``--gpu auto|on|off``; None when GPUs are off or absent (auto).
 
     GPUs are read on their own thread (inline with ``--once``). ``read_wait_seconds``: how
-    long a cycle waits for its reading (default ``READ_WAIT_FRACTION`` of the interval).
+    long a cycle waits for the reading it asked for (default ``READ_WAIT_SECONDS``).
     Raises ``GpuUnavailable`` for ``--gpu on`` when NVML cannot be loaded or sees no GPU.
     """
     if config.gpu == "off":
@@ -408,7 +409,7 @@ def build_gpu_stage(config: Config,
     interval = config.interval_seconds
     poller = None if config.once else GpuPoller(
         reader, READ_BUDGET_FRACTION * interval, clock)
-    wait = READ_WAIT_FRACTION * interval if read_wait_seconds is None else read_wait_seconds
+    wait = READ_WAIT_SECONDS if read_wait_seconds is None else read_wait_seconds
     stage = GpuStage(reader, client, config.procfs, poller=poller, read_wait_seconds=wait,
                      stall_seconds=max(STALL_SECONDS, 3 * interval))
     return stage, render_gpu(config.node_name)
