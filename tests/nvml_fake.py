@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kwatt.sources.gpu import EnergyCounter, normalise_bus_id
 from kwatt.sources.nvml import MigInstance, NvmlCallError, NvmlUnavailable, ProcessSample
 
 
@@ -30,7 +31,12 @@ class FakeGpu:
 
 
 class FakeNvml:
-    """Implements ``NvmlBackend``; ``calls`` counts every call for the benchmark."""
+    """Implements ``GpuBackend`` as NVML does; ``calls`` counts every call for the
+    benchmark."""
+
+    source = "nvml"
+    vendor = "nvidia"
+    instance_activity_supported = False
 
     def __init__(self, gpus: list[FakeGpu], driver: str = "550.54.15",
                  available: bool = True) -> None:
@@ -74,6 +80,16 @@ class FakeNvml:
         if not gpu.has_energy_counter:
             raise NvmlCallError("not_supported", "nvmlDeviceGetTotalEnergyConsumption")
         return gpu.energy_mj
+
+    def energy_counter(self, uuid: str) -> EnergyCounter:
+        return EnergyCounter(self.total_energy_mj(uuid), 1e-3)
+
+    def bus_id(self, uuid: str) -> str:
+        gpu = self._gpu(uuid, "bus_id")
+        return normalise_bus_id(f"00000000:{0x10 + self.gpus.index(gpu):02X}:00.0")
+
+    def instance_activity(self, instance_uuid: str) -> float | None:
+        raise NvmlCallError("not_supported", "NVML has no MIG instance utilisation")
 
     def power_mw(self, uuid: str) -> int:
         return self._gpu(uuid, "power_mw").power_mw
