@@ -15,6 +15,7 @@ from typing import Any
 
 import pynvml as real
 import pytest
+from kwatt.sources.gpu import EnergyCounter
 from kwatt.sources.nvml import GpuReader, MigInstance, NvmlCallError, ProcessSample
 
 
@@ -97,7 +98,7 @@ def test_reads_and_caches_handles(driver: Driver) -> None:
     backend = PynvmlBackend()
     backend.init()
     assert backend.device_uuids() == ["GPU-a", "GPU-b"]
-    assert backend.total_energy_mj("GPU-a") == 1000
+    assert backend.energy_counter("GPU-a") == EnergyCounter(1000, 1e-3)
     assert backend.utilisation_percent("GPU-a") == 55
     assert backend.process_utilisation("GPU-a", 100) == [ProcessSample(7, 42.0, 110)]
     assert backend.compute_pids("GPU-a") == [7]
