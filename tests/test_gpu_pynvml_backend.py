@@ -70,6 +70,8 @@ def stand_in(driver: Driver) -> types.ModuleType:
                                       if "mig" in h else "NVIDIA A100-SXM4-40GB")
     nv.nvmlDeviceGetTotalEnergyConsumption = lambda h: driver.energy[check(h)]
     nv.nvmlDeviceGetPowerUsage = lambda h: 100_000
+    nv.nvmlDeviceGetPciInfo = lambda h: types.SimpleNamespace(
+        busId=b"00000000:3B:00.0" if check(h) == "GPU-a" else b"00000000:86:00.0")
     nv.nvmlDeviceGetEnforcedPowerLimit = lambda h: check(h) and 400_000
     nv.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=check(h) and 55)
     nv.nvmlDeviceGetProcessUtilization = process_utilisation
@@ -102,6 +104,7 @@ def test_reads_and_caches_handles(driver: Driver) -> None:
     assert backend.utilisation_percent("GPU-a") == 55
     assert backend.process_utilisation("GPU-a", 100) == [ProcessSample(7, 42.0, 110)]
     assert backend.compute_pids("GPU-a") == [7]
+    assert backend.bus_id("GPU-a") == "0000:3b:00.0"  # NVML's 8-digit domain, normalised
     assert driver.lookups == 0, "handles from enumeration are reused"
     with pytest.raises(NvmlCallError) as info:
         backend.process_utilisation("GPU-b", 0)

@@ -22,7 +22,9 @@ DEFAULT_PORT = 9877
 DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
 DEFAULT_POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
 DEFAULT_SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-DEFAULT_GPU_RESOURCE_NAMES = ("nvidia.com/gpu", "nvidia.com/mig-*")
+# AMD: amd.com/gpu, and amd.com/<compute>_<memory> for partitioned MI300 (cpx_nps1, ...).
+DEFAULT_GPU_RESOURCE_NAMES = ("nvidia.com/gpu", "nvidia.com/mig-*", "amd.com/gpu",
+                              "amd.com/?px_nps*")
 
 IDLE_POLICIES = ("unattributed", "even", "cpu-request")
 TRISTATE = ("auto", "on", "off")

@@ -26,7 +26,7 @@ from kwatt.gpu_stage import build_gpu_stage
 from kwatt.metrics import StaticInfo
 from kwatt.reload import LIVE_SETTINGS, changed_settings
 from kwatt.sampler import EnergyStage, PublishedCycle, Sampler
-from kwatt.sources.nvml import NvmlBackend
+from kwatt.sources.gpu import GpuBackend
 from kwatt.state import StateFile
 from kwatt.statekeeper import StateKeeper
 from kwatt.web import (
@@ -71,10 +71,11 @@ class Exporter:
 
     def __init__(self, config: Config, web_config: WebConfig | None = None,
                  ssl_context: ssl.SSLContext | None = None,
-                 gpu_backend_factory: Callable[[], NvmlBackend] | None = None,
+                 gpu_backend_factory: Callable[[], GpuBackend] | None = None,
                  server_limits: ServerLimits = DEFAULT_LIMITS,
                  tls_reload_period_seconds: float = DEFAULT_PERIOD_SECONDS,
-                 gpu_read_wait_seconds: float | None = None) -> None:
+                 gpu_read_wait_seconds: float | None = None,
+                 amd_backend_factory: Callable[[], GpuBackend] | None = None) -> None:
         self.config = config
         self.web_config = web_config or WebConfig()
         self.ssl_context = ssl_context
@@ -85,7 +86,8 @@ class Exporter:
         self._secure: SecureApp | None = None
         self.namer: WorkloadNamer = HostNamer(config.docker_root)
         gpu = build_gpu_stage(config, gpu_backend_factory,
-                              read_wait_seconds=gpu_read_wait_seconds)
+                              read_wait_seconds=gpu_read_wait_seconds,
+                              amd_backend_factory=amd_backend_factory)
         self._gpu_stage = gpu[0] if gpu else None
         stages: list[EnergyStage] = [gpu[0]] if gpu else []
         self.kube: KubernetesParts | None = None

@@ -24,6 +24,8 @@ class GpuRow:
     energy_joules: float  # accumulated while kwatt runs; never decreases
     power_watts: float | None  # average over the last interval
     utilisation: float | None  # 0..1 over the last interval; None in MIG mode
+    vendor: str = "nvidia"
+    driver_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,9 @@ class GpuCollector(Collector):
             "ran kernels (NVML utilisation; absent in MIG mode).",
             labels=("node", "gpu", "uuid"))
         info = GaugeMetricFamily(
-            "kwatt_gpu_info", "GPU model, driver and MIG mode; always 1.",
-            labels=("node", "gpu", "uuid", "model", "driver_version", "mig"))
+            "kwatt_gpu_info", "GPU vendor, model, driver and MIG mode (AMD: compute "
+            "partitions); always 1.",
+            labels=("node", "gpu", "uuid", "model", "driver_version", "mig", "vendor"))
         up = GaugeMetricFamily(
             "kwatt_gpu_up", "1 when the GPU answered NVML in the last sample, 0 while it is "
             "lost or failing (its energy is then not counted).",
@@ -79,8 +82,8 @@ class GpuCollector(Collector):
                 power.add_metric(labels, gpu.power_watts)
             if gpu.up and gpu.utilisation is not None:
                 utilisation.add_metric(labels, gpu.utilisation)
-            info.add_metric((*labels, gpu.model, snap.driver_version,
-                             "true" if gpu.mig else "false"), 1.0)
+            info.add_metric((*labels, gpu.model, gpu.driver_version or snap.driver_version,
+                             "true" if gpu.mig else "false", gpu.vendor), 1.0)
         allocation = GaugeMetricFamily(
             "kwatt_gpu_allocation_info", "Which container holds which GPU, from the kubelet "
             "PodResources API; always 1.",

@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from kwatt.sources.nvml import GpuReader, GpuReading, NvmlCycle
+from kwatt.sources.gpu import CombinedReader, GpuReader, GpuReading
+from kwatt.sources.gpu import GpuCycle as NvmlCycle
 
 log = logging.getLogger("kwatt.gpu")
 
@@ -24,7 +25,7 @@ log = logging.getLogger("kwatt.gpu")
 class GpuPoller:
     """One reader, one thread (started on the first request), readings handed over once."""
 
-    def __init__(self, reader: GpuReader, budget_seconds: float | None,
+    def __init__(self, reader: GpuReader | CombinedReader, budget_seconds: float | None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._reader = reader
         self._budget = budget_seconds

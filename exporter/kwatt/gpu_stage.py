@@ -34,12 +34,19 @@ from kwatt.ledger import WorkloadLabels
 from kwatt.logs import RateLimitedLog
 from kwatt.sampler import StageResult
 from kwatt.sources import nvml
-from kwatt.sources.nvml import GpuReader, GpuReading, NvmlBackend, NvmlCycle
+from kwatt.sources.gpu import CombinedReader, GpuBackend, load_reader
+from kwatt.sources.nvml import GpuReader, GpuReading, NvmlCycle
 from kwatt.state import GpuCounter
 from kwatt.text import decode_bytes
 from kwatt.workloads import podresources
+from kwatt.workloads.amdgpu_devices import amd_device_keys
 from kwatt.workloads.cgroups import CgroupIdentity, identify_cgroup_path
-from kwatt.workloads.podresources import DeviceAllocation, PodResourcesClient, parse_device_id
+from kwatt.workloads.podresources import (
+    DeviceAllocation,
+    DeviceRef,
+    PodResourcesClient,
+    parse_device_id,
+)
 
 log = logging.getLogger("kwatt.gpu")
 
@@ -95,15 +102,19 @@ def identity_of_pid(procfs: str, pid: int) -> CgroupIdentity | None:
 
 
 class GpuStage:
-    """``EnergyStage`` for NVIDIA GPUs."""
+    """``EnergyStage`` for GPUs (NVIDIA through NVML, AMD through amdsmi)."""
 
-    def __init__(self, reader: GpuReader, client: PodResourcesClient | None, procfs: str,
+    def __init__(self, reader: GpuReader | CombinedReader, client: PodResourcesClient | None,
+                 procfs: str,
                  pid_identity: Callable[[str, int], CgroupIdentity | None] = identity_of_pid,
                  poller: GpuPoller | None = None, read_wait_seconds: float = 0.0,
-                 stall_seconds: float = STALL_SECONDS) -> None:
+                 stall_seconds: float = STALL_SECONDS, sysfs: str = "") -> None:
         """``poller``: read on its own thread, waiting ``read_wait_seconds`` for each
         reading; None: read inline in ``sample`` (``--once``, tests that step cycles)."""
         self._reader = reader
+        self._sources = reader.sources
+        self._sysfs = sysfs  # AMD partitions' render nodes; empty: not resolved
+        self._amd_keys: dict[str, tuple[str, ...]] = {}
         self._poller = poller
         self._read_wait = read_wait_seconds
         self._stall_seconds = stall_seconds
@@ -111,7 +122,7 @@ class GpuStage:
         # own can be a reading ahead while the GPU thread runs.
         self._counters: dict[str, tuple[int, float]] = {}
         self._last_watts: dict[tuple[str, str], float] = {}
-        self._last_nvml_up = True
+        self._last_up: dict[str, bool] = dict.fromkeys(self._sources, True)
         self._client = client
         self._procfs = procfs
         self._pid_identity = pid_identity
@@ -165,15 +176,17 @@ class GpuStage:
         busy = self._poller.busy_seconds()
         snap = self._snapshot
         if busy > self._stall_seconds:
-            faults.append(Fault(nvml.SOURCE, "timeout", "gpu-thread",
-                                f"no NVML reading completed for {busy:.1f}s"))
-            source_up[nvml.SOURCE] = self._last_nvml_up = False
+            for source in self._sources:
+                faults.append(Fault(source, "timeout", "gpu-thread",
+                                    f"no GPU reading completed for {busy:.1f}s"))
+                source_up[source] = False
+            self._last_up = dict.fromkeys(self._sources, False)
             self._last_watts = {}
             snap = self._snapshot = replace(snap, gpus=tuple(
                 replace(row, up=False, power_watts=None, utilisation=None)
                 for row in snap.gpus))
         else:
-            source_up[nvml.SOURCE] = self._last_nvml_up
+            source_up.update(self._last_up)
         snap = self._snapshot = replace(snap, read_overruns=self._poller.overruns)
         return StageResult([], faults, source_up, dict(self._last_watts), snap)
 
@@ -204,7 +217,9 @@ class GpuStage:
             return self._no_reading(faults, source_up)
         self.last_nvml_calls = cycle.calls
         faults.extend(cycle.faults)
-        source_up[nvml.SOURCE] = self._last_nvml_up = not cycle.faults
+        failed = {f.source for f in cycle.faults}
+        self._last_up = {source: source not in failed for source in self._sources}
+        source_up.update(self._last_up)
         for gpu in cycle.gpus:
             if not gpu.up:
                 self._counters.pop(gpu.uuid, None)
@@ -240,15 +255,20 @@ class GpuStage:
         self._snapshot = GpuSnapshot(
             self._reader.driver_version, tuple(gpu_rows), rows, cycle.seconds,
             self._poller.overruns if self._poller is not None else 0)
-        # One booking per cycle for all GPUs; a cycle with no GPU energy books nothing.
+        # One booking per cycle and source for all GPUs; a cycle with no GPU energy books
+        # nothing.
         booked: list[ComponentSplit[Hashable]] = []
         watts: dict[tuple[str, str], float] = {}
-        if splits:
-            merged = merge_splits(splits)
+        by_source: dict[str, list[ComponentSplit[CgroupIdentity]]] = {}
+        for split in splits:
+            by_source.setdefault(split.source, []).append(split)
+        for source, group in by_source.items():
+            merged = merge_splits(group)
             booked.append(merged)  # type: ignore[arg-type]
             # Node GPU power from each GPU's own interval, as kwatt_gpu_power_watts.
-            watts[(merged.component, merged.source)] = sum(
-                row.power_watts for row in gpu_rows if row.up and row.power_watts is not None)
+            watts[(merged.component, source)] = sum(
+                row.power_watts for row, gpu in zip(gpu_rows, cycle.gpus, strict=True)
+                if gpu.source == source and row.up and row.power_watts is not None)
         self._last_watts = watts
         return StageResult(booked, faults, source_up, watts, self._snapshot)
 
@@ -261,7 +281,13 @@ class GpuStage:
             if gpu.dt:
                 power = gpu.joules / gpu.dt
         return GpuRow(gpu.index, gpu.uuid, gpu.model, gpu.mig_enabled, gpu.up, total, power,
-                      gpu.utilisation)
+                      gpu.utilisation, gpu.vendor, self._driver(gpu.vendor))
+
+    def _driver(self, vendor: str) -> str:
+        reader = self._reader
+        if isinstance(reader, CombinedReader):
+            return reader.driver_versions().get(vendor, "")
+        return reader.driver_version
 
     def _identity(self, pid: int, seen: set[int]) -> CgroupIdentity | None:
         seen.add(pid)
@@ -275,11 +301,14 @@ class GpuStage:
         if not gpu.up or gpu.joules is None:
             return None
         if gpu.mig_enabled and gpu.instances:
+            # Activity: the instance's own where the library measures it (AMD partitions'
+            # GFX activity), else on while it runs a compute process (MIG).
             shares = tuple(
-                MigShare[CgroupIdentity](i.slices, 1.0 if i.pids else 0.0,
-                                         mig_holders.get(i.uuid, ()))
+                MigShare[CgroupIdentity](
+                    i.slices, i.activity if i.activity is not None else
+                    (1.0 if i.pids else 0.0), mig_holders.get(i.uuid, ()))
                 for i in gpu.instances)
-            return GpuInterval(gpu.uuid, gpu.joules, instances=shares)
+            return GpuInterval(gpu.uuid, gpu.joules, instances=shares, source=gpu.source)
         activity: dict[Holder, float] = {}
         if len(set(holders)) > 1:
             members = set(holders)
@@ -290,7 +319,8 @@ class GpuStage:
                 key: Holder = identity if identity in members and identity is not None \
                     else Unattributed("system")
                 activity[key] = activity.get(key, 0.0) + sample.sm_percent
-        return GpuInterval(gpu.uuid, gpu.joules, holders, gpu.utilisation, activity)
+        return GpuInterval(gpu.uuid, gpu.joules, holders, gpu.utilisation, activity,
+                           source=gpu.source)
 
     def _match_by_pid(self, holders: tuple[Holder, ...], pids: tuple[int, ...],
                       seen: set[int]) -> tuple[Holder, ...]:
@@ -324,9 +354,14 @@ class GpuStage:
         holders: dict[str, list[Holder]] = {}
         mig_holders: dict[str, list[Holder]] = {}
         rows: dict[AllocationRow, None] = {}
+        amd_targets = self._amd_targets(gpus)
         for a in allocations:
-            ref = parse_device_id(a.device_id)
-            if ref.kind == "mig":
+            amd = self._amd_target(a.device_id, amd_targets)
+            ref = amd[1] if amd is not None else parse_device_id(a.device_id)
+            gpu: GpuReading | None
+            if amd is not None:
+                gpu = amd[0]
+            elif ref.kind == "mig":
                 gpu = mig_parent.get(ref.value)
             elif ref.kind == "index":
                 gpu = by_index.get(ref.value)
@@ -334,7 +369,7 @@ class GpuStage:
                 gpu = by_uuid.get(ref.value)
             if gpu is None:
                 self._ratelog.log(logging.INFO, f"unknown-device|{a.device_id}",
-                                  "PodResources names a GPU that NVML does not list",
+                                  "PodResources names a GPU that no GPU library lists",
                                   device_id=a.device_id, resource=a.resource,
                                   namespace=a.namespace, pod=a.pod, container=a.container)
                 continue
@@ -349,6 +384,35 @@ class GpuStage:
                                a.resource)] = None
         return ({k: tuple(v) for k, v in holders.items()},
                 {k: tuple(v) for k, v in mig_holders.items()}, tuple(rows))
+
+    @staticmethod
+    def _amd_targets(gpus: tuple[GpuReading, ...]
+                     ) -> dict[str, tuple[GpuReading, DeviceRef]]:
+        """AMD device plugin keys (PCI address, renderD<M>) -> GPU and what it names: a
+        partition when the GPU is partitioned, else the whole GPU."""
+        out: dict[str, tuple[GpuReading, DeviceRef]] = {}
+        for gpu in gpus:
+            if gpu.vendor != "amd":
+                continue
+            if gpu.bus_id:
+                out[gpu.bus_id] = (gpu, DeviceRef("gpu", gpu.uuid))
+            for instance in gpu.instances:
+                for alias in instance.aliases:
+                    out[alias] = (gpu, DeviceRef("mig", instance.uuid))
+        return out
+
+    def _amd_target(self, device_id: str,
+                    targets: Mapping[str, tuple[GpuReading, DeviceRef]]
+                    ) -> tuple[GpuReading, DeviceRef] | None:
+        if not targets:
+            return None
+        keys = self._amd_keys.get(device_id)
+        if keys is None:
+            keys = self._amd_keys[device_id] = amd_device_keys(device_id, self._sysfs)
+        for key in keys:
+            if key in targets:
+                return targets[key]
+        return None
 
     def _holders_from_processes(self, gpus: tuple[GpuReading, ...], seen: set[int]
                                 ) -> tuple[dict[str, tuple[Holder, ...]],
@@ -367,27 +431,50 @@ class GpuStage:
         return holders, mig_holders
 
 
+def _default_amd_backend() -> GpuBackend:
+    from kwatt.sources.amdsmi import AmdSmiBackend
+
+    return AmdSmiBackend()
+
+
 def build_gpu_stage(config: Config,
-                    backend_factory: Callable[[], NvmlBackend] | None = None,
+                    backend_factory: Callable[[], GpuBackend] | None = None,
                     clock: Callable[[], float] = time.monotonic,
-                    read_wait_seconds: float | None = None
+                    read_wait_seconds: float | None = None,
+                    amd_backend_factory: Callable[[], GpuBackend] | None = None
                     ) -> tuple[GpuStage, StageRenderer] | None:
     """The GPU stage for ``--gpu auto|on|off``; None when GPUs are off or absent (auto).
 
+    Every vendor library that loads and lists a GPU is used: NVML (``backend_factory``,
+    default nvidia-ml-py) and AMD SMI (``amd_backend_factory``, default amdsmi).
     GPUs are read on their own thread (inline with ``--once``). ``read_wait_seconds``: how
     long a cycle waits for the reading it asked for (default ``READ_WAIT_SECONDS``).
-    Raises ``GpuUnavailable`` for ``--gpu on`` when NVML cannot be loaded or sees no GPU.
+    Raises ``GpuUnavailable`` for ``--gpu on`` when no library lists a GPU.
     """
     if config.gpu == "off":
         return None
-    reader, why = nvml.load_backend(backend_factory, clock, config.gpu_mig_refresh_seconds)
-    if reader is not None and not reader.gpu_count:
-        reader, why = None, "NVML lists no GPU"
-    if reader is None:
+    readers: list[GpuReader] = []
+    why: list[str] = []
+    for name, factory in (
+            ("NVML", backend_factory or nvml.PynvmlBackend),
+            ("amdsmi", amd_backend_factory or _default_amd_backend)):
+        found, reason = load_reader(factory, clock, config.gpu_mig_refresh_seconds)
+        if found is not None and not found.gpu_count:
+            found, reason = None, "lists no GPU"
+        if found is None:
+            why.append(f"{name}: {reason}")
+            continue
+        readers.append(found)
+        log.info("reading GPU energy", extra={
+            "library": name, "gpus": found.gpu_count, "driver_version": found.driver_version})
+    if not readers:
         if config.gpu == "on":
-            raise GpuUnavailable(f"--gpu on: cannot use NVML: {why}")
-        log.info("GPU energy not measured: NVML unavailable (--gpu auto)", extra={"why": why})
+            raise GpuUnavailable(f"--gpu on: no GPU library lists a GPU ({'; '.join(why)})")
+        log.info("GPU energy not measured: no GPU library (--gpu auto)",
+                 extra={"why": "; ".join(why)})
         return None
+    reader: GpuReader | CombinedReader = readers[0] if len(readers) == 1 \
+        else CombinedReader(readers)
     client: PodResourcesClient | None = None
     socket = config.pod_resources_socket
     if config.kubernetes == "on" or (config.kubernetes == "auto" and os.path.exists(socket)):
@@ -404,12 +491,10 @@ def build_gpu_stage(config: Config,
     else:
         log.info("GPU holders from NVML's process list (no kubelet PodResources)",
                  extra={"kubernetes": config.kubernetes, "socket": socket})
-    log.info("reading GPU energy through NVML", extra={
-        "gpus": reader.gpu_count, "driver_version": reader.driver_version})
     interval = config.interval_seconds
     poller = None if config.once else GpuPoller(
         reader, READ_BUDGET_FRACTION * interval, clock)
     wait = READ_WAIT_SECONDS if read_wait_seconds is None else read_wait_seconds
     stage = GpuStage(reader, client, config.procfs, poller=poller, read_wait_seconds=wait,
-                     stall_seconds=max(STALL_SECONDS, 3 * interval))
+                     stall_seconds=max(STALL_SECONDS, 3 * interval), sysfs=config.sysfs)
     return stage, render_gpu(config.node_name)

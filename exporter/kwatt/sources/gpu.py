@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -77,6 +77,7 @@ class MigInstance:
     profile: str  # e.g. "3g.20gb" or the device name when NVML gives no profile
     pids: tuple[int, ...] = ()  # compute processes running in the instance
     activity: float | None = None  # 0..1 where the library measures it; else from pids
+    aliases: tuple[str, ...] = ()  # other device ids a device plugin may give it
 
 
 class GpuBackend(Protocol):
@@ -136,6 +137,7 @@ class GpuReading:
     counter_mj: int | None = None  # the raw energy counter read, device units (restart state)
     vendor: str = "nvidia"
     source: str = "nvml"
+    bus_id: str = ""  # PCI address, 0000:3b:00.0 (matches AMD device plugin ids)
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,7 @@ class _GpuState:
     static_known: bool = False
     ceiling_watts: float = GPU_BOUND_WATTS
     mig_capable: bool = True  # False once the MIG mode query says "not supported"
+    bus_id: str = ""
     # The MIG layout (instances without processes) is cached: it changes only when MIG is
     # reconfigured, and enumerating it costs several slow calls per instance.
     layout_known: bool = False
@@ -188,6 +191,7 @@ class GpuReader:
         self._source = backend.source
         self.vendor = backend.vendor
         self.source = backend.source
+        self.sources = (backend.source,)
         # Each GPU's energy is stamped when it is read, not when the cycle began: the
         # stage may have waited on the kubelet first, and power is joules over these times.
         self._clock = clock
@@ -250,6 +254,11 @@ class GpuReader:
         if len(faults) > before:
             return False
         gpu.index, gpu.model = int(index), str(model)
+        try:
+            self._calls += 1
+            gpu.bus_id = b.bus_id(gpu.uuid)
+        except GpuCallError:
+            gpu.bus_id = ""  # only device plugins that name GPUs by PCI address need it
         self._set_mig_mode(gpu, bool(mig))
         gpu.ceiling_watts = self._current_ceiling(gpu)
         gpu.static_known = True
@@ -345,7 +354,7 @@ class GpuReader:
             # Until the layout is known the energy cannot be split: it stays in the
             # counter and is booked, whole, by the first reading after the layout is read.
             return GpuReading(gpu.index, gpu.uuid, gpu.model, True, True,
-                              vendor=self.vendor, source=self.source)
+                              vendor=self.vendor, source=self.source, bus_id=gpu.bus_id)
 
         implausible: list[Fault] = []
         joules, energy_source, read_at = self._energy(gpu, faults, implausible)
@@ -374,7 +383,8 @@ class GpuReader:
         counter = gpu.last_counter if energy_source == "counter" else None
         return GpuReading(gpu.index, gpu.uuid, gpu.model, gpu.mig_enabled, True,
                           joules if dt is not None else None, dt, utilisation, samples, pids,
-                          (), energy_source, read_at, counter, self.vendor, self.source)
+                          (), energy_source, read_at, counter, self.vendor, self.source,
+                          gpu.bus_id)
 
     def _read_mig(self, readings: dict[str, GpuReading], faults: list[Fault],
                   started: float, budget: float | None) -> int:
@@ -573,3 +583,64 @@ def normalise_bus_id(bus_id: str) -> str:
         return f"{int(domain, 16):04x}:{rest}"
     except ValueError:
         return text
+
+
+class CombinedReader:
+    """Several vendors' readers as one (``--gpu auto`` on a node with NVIDIA and AMD GPUs):
+    readings concatenated, counters keyed by UUID (unique across vendors)."""
+
+    def __init__(self, readers: Sequence[GpuReader]) -> None:
+        self.readers = tuple(readers)
+
+    @property
+    def gpu_count(self) -> int:
+        return sum(r.gpu_count for r in self.readers)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return tuple(r.source for r in self.readers)
+
+    @property
+    def driver_version(self) -> str:
+        return self.readers[0].driver_version if len(self.readers) == 1 else ""
+
+    def driver_versions(self) -> dict[str, str]:
+        """vendor -> driver version."""
+        return {r.vendor: r.driver_version for r in self.readers}
+
+    def read(self, want_pids: bool, budget_seconds: float | None = None) -> GpuCycle:
+        cycles = [r.read(want_pids, budget_seconds) for r in self.readers]
+        if len(cycles) == 1:
+            return cycles[0]
+        return GpuCycle(tuple(g for c in cycles for g in c.gpus),
+                        tuple(f for c in cycles for f in c.faults),
+                        sum(c.calls for c in cycles), sum(c.deferred for c in cycles),
+                        sum(c.seconds for c in cycles))
+
+    def counters(self) -> dict[str, tuple[int, float]]:
+        out: dict[str, tuple[int, float]] = {}
+        for reader in self.readers:
+            out.update(reader.counters())
+        return out
+
+    def seed(self, counters: Mapping[str, tuple[int, float]]) -> int:
+        return sum(r.seed(counters) for r in self.readers)
+
+
+def load_reader(factory: Callable[[], GpuBackend],
+                clock: Callable[[], float] = time.monotonic,
+                mig_refresh_seconds: float = 60.0) -> tuple[GpuReader | None, str]:
+    """A started reader over ``factory()``, or None and a one-line reason why the library
+    cannot be used (not installed, not loadable, not initialisable)."""
+    try:
+        backend = factory()
+        reader = GpuReader(backend, clock, mig_refresh_seconds)
+        faults = reader.start()
+    except (GpuLibraryUnavailable, ImportError, OSError) as exc:
+        return None, str(exc) or type(exc).__name__
+    for fault in faults:
+        log.warning("GPU discovery failed", extra={"source": fault.source,
+                                                   "subject": fault.subject,
+                                                   "reason": fault.reason,
+                                                   "detail": fault.detail})
+    return reader, ""

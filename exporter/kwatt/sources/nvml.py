@@ -22,6 +22,7 @@ from kwatt.sources.gpu import (
     GpuReading,
     MigInstance,
     ProcessSample,
+    load_reader,
     normalise_bus_id,
 )
 
@@ -187,15 +188,5 @@ def load_backend(factory: Callable[[], GpuBackend] | None = None,
                  mig_refresh_seconds: float = 60.0
                  ) -> tuple[GpuReader | None, str]:
     """A started reader, or None and a one-line reason why NVML cannot be used."""
-    try:
-        backend = factory() if factory is not None else PynvmlBackend()
-        reader = GpuReader(backend, clock, mig_refresh_seconds)
-        faults = reader.start()
-    except (GpuLibraryUnavailable, ImportError, OSError) as exc:
-        return None, str(exc) or type(exc).__name__
-    for fault in faults:
-        log.warning("NVML discovery failed", extra={"subject": fault.subject,
-                                                    "reason": fault.reason,
-                                                    "detail": fault.detail})
-    return reader, ""
-
+    return load_reader(factory if factory is not None else PynvmlBackend, clock,
+                       mig_refresh_seconds)
