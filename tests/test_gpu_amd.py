@@ -67,7 +67,7 @@ def test_exclusive_gpu_held_through_the_device_plugin_pci_address(
     finally:
         server.stop()
     snap = sampler.snapshot()
-    containers, unattributed, total = gpu_energy(snap)
+    containers, _unattributed, total = gpu_energy(snap)
     assert containers == {("ml", "train", "main"): pytest.approx(1000.0)}
     assert _amd(snap) == pytest.approx(1000.0) and total == pytest.approx(1000.0)
     (row,) = stage.snapshot().gpus

@@ -8,12 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from amdsmi_fake import FakeAmdGpu, FakeAmdSmi, FakePartition
 from conftest import FakeClock, node_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kwatt.gpu_stage import GpuStage
 from kwatt.sampler import Sampler
-from amdsmi_fake import FakeAmdGpu, FakeAmdSmi, FakePartition
 from kwatt.sources.amdsmi import AmdSmiBackend
 from kwatt.sources.gpu import CombinedReader
 from kwatt.sources.nvml import GPU_BOUND_WATTS, GpuReader, MigInstance, ProcessSample
