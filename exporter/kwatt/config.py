@@ -78,6 +78,9 @@ class Config:
     gpu: str = "auto"
     gpu_resource_names: tuple[str, ...] = DEFAULT_GPU_RESOURCE_NAMES
     gpu_mig_refresh_seconds: float = 60.0
+    gpu_dcgm_exporter_url: str = ""  # empty: MIG instances weighted on/off
+    gpu_dcgm_exporter_interval_seconds: float = 30.0
+    gpu_dcgm_exporter_timeout_seconds: float = 2.0
     log_level: str = "info"
     log_format: str = "logfmt"
     retention_seconds: float = 300.0
@@ -236,6 +239,13 @@ def _interval(key: str, value: object) -> float:
     return seconds
 
 
+def _http_url(key: str, value: object) -> str:
+    text = _string(key, value).strip()
+    if text and not re.match(r"^https?://[^/\s]+", text):
+        raise ConfigError(f"{key}: expected an http:// or https:// URL, got {value!r}")
+    return text
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("--web.listen-address", "web.listen_address", "listen_address", _listen_address,
             f"address for /metrics and /healthz (default {DEFAULT_LISTEN_ADDRESS})",
@@ -276,6 +286,17 @@ SETTINGS: tuple[Setting, ...] = (
             _positive_duration,
             "how often cached MIG layouts are enumerated again without a sign of "
             "reconfiguration (default 1m)", "DURATION"),
+    Setting("--gpu.dcgm-exporter-url", "gpu.dcgm_exporter_url", "gpu_dcgm_exporter_url",
+            _http_url,
+            "node-local dcgm-exporter /metrics whose DCGM_FI_PROF_GR_ENGINE_ACTIVE weighs MIG "
+            "instances (default off: on/off by running processes)", "URL"),
+    Setting("--gpu.dcgm-exporter-interval", "gpu.dcgm_exporter_interval",
+            "gpu_dcgm_exporter_interval_seconds", _positive_duration,
+            "how often dcgm-exporter is read (default 30s, its own collection period)",
+            "DURATION"),
+    Setting("--gpu.dcgm-exporter-timeout", "gpu.dcgm_exporter_timeout",
+            "gpu_dcgm_exporter_timeout_seconds", _positive_duration,
+            "per-request timeout for dcgm-exporter (default 2s)", "DURATION"),
 )
 
 # Keys only the YAML file (or env) sets: nested and rarely changed.

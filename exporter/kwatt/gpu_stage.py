@@ -33,7 +33,8 @@ from kwatt.gpu_poller import GpuPoller, merge_cycles
 from kwatt.ledger import WorkloadLabels
 from kwatt.logs import RateLimitedLog
 from kwatt.sampler import StageResult
-from kwatt.sources import nvml
+from kwatt.sources import dcgm, nvml
+from kwatt.sources.dcgm import DcgmActivitySource
 from kwatt.sources.gpu import CombinedReader, GpuBackend, load_reader
 from kwatt.sources.nvml import GpuReader, GpuReading, NvmlCycle
 from kwatt.state import GpuCounter
@@ -108,10 +109,12 @@ class GpuStage:
                  procfs: str,
                  pid_identity: Callable[[str, int], CgroupIdentity | None] = identity_of_pid,
                  poller: GpuPoller | None = None, read_wait_seconds: float = 0.0,
-                 stall_seconds: float = STALL_SECONDS, sysfs: str = "") -> None:
+                 stall_seconds: float = STALL_SECONDS, sysfs: str = "",
+                 dcgm: DcgmActivitySource | None = None) -> None:
         """``poller``: read on its own thread, waiting ``read_wait_seconds`` for each
         reading; None: read inline in ``sample`` (``--once``, tests that step cycles)."""
         self._reader = reader
+        self._dcgm = dcgm  # MIG instance activity from dcgm-exporter; None: on/off
         self._sources = reader.sources
         self._sysfs = sysfs  # AMD partitions' render nodes; empty: not resolved
         self._amd_keys: dict[str, tuple[str, ...]] = {}
@@ -156,6 +159,8 @@ class GpuStage:
     def stop(self) -> None:
         if self._poller is not None:
             self._poller.stop()
+        if self._dcgm is not None:
+            self._dcgm.stop()
 
     def _read(self, want_pids: bool) -> NvmlCycle | None:
         """This cycle's reading; None when the GPU thread has none ready yet."""
@@ -217,6 +222,11 @@ class GpuStage:
             return self._no_reading(faults, source_up)
         self.last_nvml_calls = cycle.calls
         faults.extend(cycle.faults)
+        engine: Mapping[tuple[str, int], float] = {}
+        if self._dcgm is not None:
+            dcgm_faults, source_up[dcgm.SOURCE] = self._dcgm.take_faults()
+            faults.extend(dcgm_faults)
+            engine = self._dcgm.latest().by_instance
         failed = {f.source for f in cycle.faults}
         self._last_up = {source: source not in failed for source in self._sources}
         source_up.update(self._last_up)
@@ -246,7 +256,8 @@ class GpuStage:
         splits: list[ComponentSplit[CgroupIdentity]] = []
         gpu_rows: list[GpuRow] = []
         for gpu in cycle.gpus:
-            interval = self._interval(gpu, holders.get(gpu.uuid, ()), mig_holders, seen_pids)
+            interval = self._interval(gpu, holders.get(gpu.uuid, ()), mig_holders, seen_pids,
+                                      engine)
             if interval is not None:
                 splits.append(attribute_gpu(interval))
             gpu_rows.append(self._account(gpu))
@@ -297,16 +308,21 @@ class GpuStage:
 
     def _interval(self, gpu: GpuReading, holders: tuple[Holder, ...],
                   mig_holders: Mapping[str, tuple[Holder, ...]],
-                  seen: set[int]) -> GpuInterval[CgroupIdentity] | None:
+                  seen: set[int], engine: Mapping[tuple[str, int], float] | None = None
+                  ) -> GpuInterval[CgroupIdentity] | None:
         if not gpu.up or gpu.joules is None:
             return None
         if gpu.mig_enabled and gpu.instances:
             # Activity: the instance's own where the library measures it (AMD partitions'
-            # GFX activity), else on while it runs a compute process (MIG).
+            # GFX activity), else dcgm-exporter's engine activity where configured, else
+            # on while it runs a compute process (MIG).
+            engine = engine or {}
             shares = tuple(
                 MigShare[CgroupIdentity](
-                    i.slices, i.activity if i.activity is not None else
-                    (1.0 if i.pids else 0.0), mig_holders.get(i.uuid, ()))
+                    i.slices,
+                    i.activity if i.activity is not None else
+                    engine.get((gpu.uuid, i.gpu_instance_id), 1.0 if i.pids else 0.0),
+                    mig_holders.get(i.uuid, ()))
                 for i in gpu.instances)
             return GpuInterval(gpu.uuid, gpu.joules, instances=shares, source=gpu.source)
         activity: dict[Holder, float] = {}
@@ -495,6 +511,18 @@ def build_gpu_stage(config: Config,
     poller = None if config.once else GpuPoller(
         reader, READ_BUDGET_FRACTION * interval, clock)
     wait = READ_WAIT_SECONDS if read_wait_seconds is None else read_wait_seconds
+    activity = None
+    if config.gpu_dcgm_exporter_url:
+        activity = DcgmActivitySource(config.gpu_dcgm_exporter_url,
+                                      config.gpu_dcgm_exporter_interval_seconds,
+                                      config.gpu_dcgm_exporter_timeout_seconds)
+        log.info("MIG instances weighted by dcgm-exporter's engine activity", extra={
+            "url": config.gpu_dcgm_exporter_url})
+        if not config.once:
+            activity.start()
+        else:
+            activity.refresh()
     stage = GpuStage(reader, client, config.procfs, poller=poller, read_wait_seconds=wait,
-                     stall_seconds=max(STALL_SECONDS, 3 * interval), sysfs=config.sysfs)
+                     stall_seconds=max(STALL_SECONDS, 3 * interval), sysfs=config.sysfs,
+                     dcgm=activity)
     return stage, render_gpu(config.node_name)
