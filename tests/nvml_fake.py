@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kwatt.sources.gpu import EnergyCounter, normalise_bus_id
 from kwatt.sources.nvml import MigInstance, NvmlCallError, NvmlUnavailable, ProcessSample
 
 
@@ -30,7 +31,12 @@ class FakeGpu:
 
 
 class FakeNvml:
-    """Implements ``NvmlBackend``; ``calls`` counts every call for the benchmark."""
+    """Implements ``GpuBackend`` as NVML does; ``calls`` counts every call for the
+    benchmark."""
+
+    source = "nvml"
+    vendor = "nvidia"
+    instance_activity_supported = False
 
     def __init__(self, gpus: list[FakeGpu], driver: str = "550.54.15",
                  available: bool = True) -> None:
@@ -75,6 +81,16 @@ class FakeNvml:
             raise NvmlCallError("not_supported", "nvmlDeviceGetTotalEnergyConsumption")
         return gpu.energy_mj
 
+    def energy_counter(self, uuid: str) -> EnergyCounter:
+        return EnergyCounter(self.total_energy_mj(uuid), 1e-3)
+
+    def bus_id(self, uuid: str) -> str:
+        gpu = self._gpu(uuid, "bus_id")
+        return normalise_bus_id(f"00000000:{0x10 + self.gpus.index(gpu):02X}:00.0")
+
+    def instance_activity(self, instance_uuid: str) -> float | None:
+        raise NvmlCallError("not_supported", "NVML has no MIG instance utilisation")
+
     def power_mw(self, uuid: str) -> int:
         return self._gpu(uuid, "power_mw").power_mw
 
@@ -105,5 +121,21 @@ class FakeNvml:
     def mig_enabled(self, uuid: str) -> bool:
         return self._gpu(uuid, "mig_enabled").mig_enabled
 
-    def mig_instances(self, uuid: str) -> list[MigInstance]:
-        return list(self._gpu(uuid, "mig_instances").instances)
+    def mig_layout(self, uuid: str) -> list[MigInstance]:
+        gpu = self._gpu(uuid, "mig_layout")
+        # As PynvmlBackend enumerates: the slot count, then five calls per instance.
+        self.calls += len(gpu.instances) * 5
+        return list(gpu.instances)
+
+    def instance_pids(self, instance_uuid: str) -> list[int]:
+        self.calls += 1
+        for gpu in self.gpus:
+            for instance in gpu.instances:
+                if instance.uuid == instance_uuid:
+                    if gpu.lost:
+                        raise NvmlCallError("lost", "GPU is lost")
+                    if "instance_pids" in gpu.failing:
+                        raise NvmlCallError(gpu.failing["instance_pids"],
+                                            "injected instance_pids failure")
+                    return list(instance.pids)
+        raise NvmlCallError("not_found", f"no MIG device {instance_uuid}")

@@ -190,3 +190,128 @@ def test_real_pynvml_backend_without_driver_says_why() -> None:
         assert why
     else:  # a real GPU machine
         assert reader.gpu_count >= 0
+
+
+# ------------------------------------------------------------------ MIG at the real cost
+
+
+class SlowMigNvml(FakeNvml):
+    """Every call on a MIG device, and each call of a layout enumeration, moves the clock
+    by ``cost`` seconds, as a slow driver would."""
+
+    def __init__(self, gpus: list[FakeGpu], clock: FakeClock, cost: float) -> None:
+        super().__init__(gpus)
+        self.clock = clock
+        self.cost = cost
+
+    def mig_layout(self, uuid: str) -> list[MigInstance]:
+        before = self.calls
+        out = super().mig_layout(uuid)
+        self.clock.advance(self.cost * (self.calls - before))
+        return out
+
+    def instance_pids(self, instance_uuid: str) -> list[int]:
+        self.clock.advance(self.cost)
+        return super().instance_pids(instance_uuid)
+
+
+def _mig_gpu(uuid: str, count: int, energy_mj: int = 1_000) -> FakeGpu:
+    return FakeGpu(uuid, model="NVIDIA A100-SXM4-40GB", mig_enabled=True, energy_mj=energy_mj,
+                   instances=[MigInstance(f"MIG-{uuid}-{i}", i + 1, 1, "1g.5gb", (100 + i,))
+                              for i in range(count)])
+
+
+def test_mig_layout_is_cached_steady_state_is_one_call_per_instance(clock: FakeClock) -> None:
+    fake = FakeNvml([_mig_gpu("GPU-0", 7)])
+    reader = GpuReader(fake, clock)
+    reader.start()
+    read_at(reader, clock, 0.0, want_pids=False)  # discovery: statics, layout, processes
+    for second in range(1, 6):
+        fake.gpus[0].energy_mj += 100_000
+        cycle = read_at(reader, clock, float(second), want_pids=False)
+        # MIG mode on the parent (the reconfiguration check) + energy + 7 instance reads;
+        # enumerating the layout again would cost 1 + 5 per instance.
+        assert cycle.calls == 2 + 7
+        (gpu,) = cycle.gpus
+        assert gpu.joules == 100.0
+        assert [i.pids for i in gpu.instances] == [(100 + i,) for i in range(7)]
+
+
+def test_vanished_instance_rereads_layout_and_books_the_energy_once(clock: FakeClock) -> None:
+    fake = FakeNvml([_mig_gpu("GPU-0", 2)])
+    reader = GpuReader(fake, clock)
+    reader.start()
+    read_at(reader, clock, 0.0, want_pids=False)
+    # Reconfigured: both instances destroyed, one 7g instance created.
+    fake.gpus[0].instances = [MigInstance("MIG-new", 9, 7, "7g.40gb", (55,))]
+    fake.gpus[0].energy_mj += 100_000
+    first = read_at(reader, clock, 1.0, want_pids=False)
+    assert first.faults == ()  # a reconfiguration is not a fault
+    assert first.gpus[0].joules == 100.0  # read before the change was seen: old layout
+    fake.gpus[0].energy_mj += 200_000
+    waiting = read_at(reader, clock, 2.0, want_pids=False)
+    # The layout is read again in this cycle; the energy waits in the counter meanwhile.
+    assert waiting.gpus[0].joules is None
+    assert [i.uuid for i in waiting.gpus[0].instances] == ["MIG-new"]
+    fake.gpus[0].energy_mj += 300_000
+    after = read_at(reader, clock, 3.0, want_pids=False)
+    (gpu,) = after.gpus
+    assert (gpu.joules, gpu.dt) == (500.0, 2.0)  # 200 J + 300 J, booked once
+    assert [(i.uuid, i.slices, i.pids) for i in gpu.instances] == [("MIG-new", 7, (55,))]
+
+
+def test_mig_mode_turned_off_is_seen_by_the_cheap_check(clock: FakeClock) -> None:
+    fake = FakeNvml([_mig_gpu("GPU-0", 2)])
+    reader = GpuReader(fake, clock)
+    reader.start()
+    read_at(reader, clock, 0.0, want_pids=False)
+    fake.gpus[0].mig_enabled = False
+    fake.gpus[0].instances = []
+    fake.gpus[0].utilisation_percent = 30
+    fake.gpus[0].energy_mj += 100_000
+    (gpu,) = read_at(reader, clock, 1.0, want_pids=False).gpus
+    assert not gpu.mig_enabled and gpu.instances == () and gpu.utilisation == 0.3
+    assert gpu.joules == 100.0
+
+
+def test_instance_created_in_free_slices_is_found_by_the_periodic_refresh(
+        clock: FakeClock) -> None:
+    fake = FakeNvml([_mig_gpu("GPU-0", 1)])
+    reader = GpuReader(fake, clock, mig_refresh_seconds=60.0)
+    reader.start()
+    read_at(reader, clock, 0.0, want_pids=False)
+    fake.gpus[0].instances.append(MigInstance("MIG-late", 7, 3, "3g.20gb", (77,)))
+    assert len(read_at(reader, clock, 30.0, want_pids=False).gpus[0].instances) == 1
+    fake.gpus[0].energy_mj += 100_000
+    (gpu,) = read_at(reader, clock, 61.0, want_pids=False).gpus
+    assert [i.uuid for i in gpu.instances] == ["MIG-GPU-0-0", "MIG-late"]
+    assert gpu.joules == 100.0  # a due refresh of a known layout does not hold energy back
+
+
+def test_budget_bounds_slow_mig_calls_and_round_robin_reaches_every_instance(
+        clock: FakeClock) -> None:
+    gpus = [_mig_gpu(f"GPU-{g}", 7) for g in range(2)]
+    fake = SlowMigNvml(gpus, clock, cost=0.05)
+    reader = GpuReader(fake, clock)
+    reader.start()
+    # Start-up: each layout costs 36 x 50 ms = 1.8 s; with a 1 s budget one layout per
+    # cycle is started, and every GPU's energy is still read in every cycle.
+    first = reader.read(want_pids=False, budget_seconds=1.0)
+    assert first.deferred > 0 and first.seconds == pytest.approx(1.8)
+    assert all(g.up for g in first.gpus)
+    second = reader.read(want_pids=False, budget_seconds=1.0)
+    assert all(len(g.instances) == 7 for g in second.gpus)
+    for gpu in gpus:
+        for instance in gpu.instances:
+            gpu.instances[gpu.instances.index(instance)] = MigInstance(
+                instance.uuid, instance.gpu_instance_id, 1, "1g.5gb", (999,))
+    seen: set[str] = set()
+    for _ in range(6):
+        for gpu in gpus:
+            gpu.energy_mj += 100_000
+        cycle = reader.read(want_pids=False, budget_seconds=0.3)
+        # At most the budget plus one call is spent on the slow MIG calls.
+        assert cycle.seconds <= 0.3 + 0.05 + 1e-9 and cycle.deferred > 0
+        assert [g.joules for g in cycle.gpus] == [100.0, 100.0]
+        seen |= {i.uuid for g in cycle.gpus for i in g.instances if i.pids == (999,)}
+    assert len(seen) == 14, "every instance's processes were read within a few cycles"

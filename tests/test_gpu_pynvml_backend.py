@@ -15,6 +15,7 @@ from typing import Any
 
 import pynvml as real
 import pytest
+from kwatt.sources.gpu import EnergyCounter
 from kwatt.sources.nvml import GpuReader, MigInstance, NvmlCallError, ProcessSample
 
 
@@ -69,6 +70,8 @@ def stand_in(driver: Driver) -> types.ModuleType:
                                       if "mig" in h else "NVIDIA A100-SXM4-40GB")
     nv.nvmlDeviceGetTotalEnergyConsumption = lambda h: driver.energy[check(h)]
     nv.nvmlDeviceGetPowerUsage = lambda h: 100_000
+    nv.nvmlDeviceGetPciInfo = lambda h: types.SimpleNamespace(
+        busId=b"00000000:3B:00.0" if check(h) == "GPU-a" else b"00000000:86:00.0")
     nv.nvmlDeviceGetEnforcedPowerLimit = lambda h: check(h) and 400_000
     nv.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=check(h) and 55)
     nv.nvmlDeviceGetProcessUtilization = process_utilisation
@@ -97,10 +100,11 @@ def test_reads_and_caches_handles(driver: Driver) -> None:
     backend = PynvmlBackend()
     backend.init()
     assert backend.device_uuids() == ["GPU-a", "GPU-b"]
-    assert backend.total_energy_mj("GPU-a") == 1000
+    assert backend.energy_counter("GPU-a") == EnergyCounter(1000, 1e-3)
     assert backend.utilisation_percent("GPU-a") == 55
     assert backend.process_utilisation("GPU-a", 100) == [ProcessSample(7, 42.0, 110)]
     assert backend.compute_pids("GPU-a") == [7]
+    assert backend.bus_id("GPU-a") == "0000:3b:00.0"  # NVML's 8-digit domain, normalised
     assert driver.lookups == 0, "handles from enumeration are reused"
     with pytest.raises(NvmlCallError) as info:
         backend.process_utilisation("GPU-b", 0)
@@ -128,11 +132,16 @@ def test_lost_gpu_drops_handle_and_is_found_again(driver: Driver) -> None:
     assert driver.lookups >= 1, "the handle was looked up again by UUID"
 
 
-def test_mig_instances_skip_empty_slots(driver: Driver) -> None:
+def test_mig_layout_skips_empty_slots_and_instance_pids_reuse_its_handles(
+        driver: Driver) -> None:
     from kwatt.sources.nvml import PynvmlBackend
 
     driver.mig["GPU-a"] = [("MIG-1", 3, "3g.20gb", [11]), None, ("MIG-2", 4, "4g.20gb", [])]
     backend = PynvmlBackend()
     assert backend.mig_enabled("GPU-a") and not backend.mig_enabled("GPU-b")
-    assert backend.mig_instances("GPU-a") == [
-        MigInstance("MIG-1", 1, 3, "3g.20gb", (11,)), MigInstance("MIG-2", 1, 4, "4g.20gb")]
+    assert backend.mig_layout("GPU-a") == [
+        MigInstance("MIG-1", 1, 3, "3g.20gb"), MigInstance("MIG-2", 1, 4, "4g.20gb")]
+    lookups = driver.lookups
+    assert backend.instance_pids("MIG-1") == [11]
+    assert backend.instance_pids("MIG-2") == []
+    assert driver.lookups == lookups, "the instance handles from the layout are reused"

@@ -314,14 +314,14 @@ def test_build_gpu_stage_modes(sim, caplog: pytest.LogCaptureFixture) -> None:
     node: SimulatedNode = sim()
     assert build_gpu_stage(node_config(node, "--gpu", "off")) is None
     unavailable = lambda: FakeNvml([], available=False)  # noqa: E731
-    with pytest.raises(GpuUnavailable, match="--gpu on: cannot use NVML"):
+    with pytest.raises(GpuUnavailable, match="--gpu on: no GPU library lists a GPU"):
         build_gpu_stage(node_config(node, "--gpu", "on"), unavailable)
     with pytest.raises(GpuUnavailable, match="no GPU"):
         build_gpu_stage(node_config(node, "--gpu", "on"), lambda: FakeNvml([]))
     caplog.set_level(logging.INFO)
     assert build_gpu_stage(node_config(node, "--gpu", "auto"), unavailable) is None
     assert [r.getMessage() for r in caplog.records if r.name == "kwatt.gpu"] == [
-        "GPU energy not measured: NVML unavailable (--gpu auto)"]
+        "GPU energy not measured: no GPU library (--gpu auto)"]
     built = build_gpu_stage(node_config(node, "--gpu", "on"),
                             lambda: FakeNvml([FakeGpu("GPU-0")]))
     assert built is not None
@@ -338,7 +338,7 @@ def test_cli_gpu_on_without_nvml_exits_2(sim) -> None:
         return
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert lines[-1].startswith("kwatt-exporter: --gpu on: cannot use NVML:")
+    assert lines[-1].startswith("kwatt-exporter: --gpu on: no GPU library lists a GPU (NVML:")
     assert len([ln for ln in lines if ln.startswith("kwatt-exporter:")]) == 1
 
 

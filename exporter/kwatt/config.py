@@ -25,7 +25,9 @@ DEFAULT_PORT = 9877
 DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
 DEFAULT_POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
 DEFAULT_SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-DEFAULT_GPU_RESOURCE_NAMES = ("nvidia.com/gpu", "nvidia.com/mig-*")
+# AMD: amd.com/gpu, and amd.com/<compute>_<memory> for partitioned MI300 (cpx_nps1, ...).
+DEFAULT_GPU_RESOURCE_NAMES = ("nvidia.com/gpu", "nvidia.com/mig-*", "amd.com/gpu",
+                              "amd.com/?px_nps*")
 # DRA drivers whose devices are GPUs: NVIDIA's k8s-dra-driver-gpu registers gpu.nvidia.com
 # for whole GPUs and MIG devices alike.
 DEFAULT_GPU_DRA_DRIVERS = ("gpu.nvidia.com",)
@@ -131,6 +133,10 @@ class Config:
     gpu: str = "auto"
     gpu_resource_names: tuple[str, ...] = DEFAULT_GPU_RESOURCE_NAMES
     gpu_dra_drivers: tuple[str, ...] = DEFAULT_GPU_DRA_DRIVERS
+    gpu_mig_refresh_seconds: float = 60.0
+    gpu_dcgm_exporter_url: str = ""  # empty: MIG instances weighted on/off
+    gpu_dcgm_exporter_interval_seconds: float = 30.0
+    gpu_dcgm_exporter_timeout_seconds: float = 2.0
     log_level: str = "info"
     log_format: str = "logfmt"
     retention_seconds: float = 300.0
@@ -417,6 +423,13 @@ def _signal_settings(prefix: str, dest: str, what: str,
     )
 
 
+def _http_url(key: str, value: object) -> str:
+    text = _string(key, value).strip()
+    if text and not re.match(r"^https?://[^/\s]+", text):
+        raise ConfigError(f"{key}: expected an http:// or https:// URL, got {value!r}")
+    return text
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("--web.listen-address", "web.listen_address", "listen_address", _listen_address,
             f"address for /metrics and /healthz (default {DEFAULT_LISTEN_ADDRESS})",
@@ -485,6 +498,21 @@ SETTINGS: tuple[Setting, ...] = (
             "on: map DRA-allocated GPUs to UUIDs through this node's ResourceSlices "
             "(list+watch resource.k8s.io/v1 resourceslices); off: do not read them "
             "(default on)", "MODE"),
+    Setting("--gpu.mig-refresh", "gpu.mig_refresh", "gpu_mig_refresh_seconds",
+            _positive_duration,
+            "how often cached MIG layouts are enumerated again without a sign of "
+            "reconfiguration (default 1m)", "DURATION"),
+    Setting("--gpu.dcgm-exporter-url", "gpu.dcgm_exporter_url", "gpu_dcgm_exporter_url",
+            _http_url,
+            "node-local dcgm-exporter /metrics whose DCGM_FI_PROF_GR_ENGINE_ACTIVE weighs MIG "
+            "instances (default off: on/off by running processes)", "URL"),
+    Setting("--gpu.dcgm-exporter-interval", "gpu.dcgm_exporter_interval",
+            "gpu_dcgm_exporter_interval_seconds", _positive_duration,
+            "how often dcgm-exporter is read (default 30s, its own collection period)",
+            "DURATION"),
+    Setting("--gpu.dcgm-exporter-timeout", "gpu.dcgm_exporter_timeout",
+            "gpu_dcgm_exporter_timeout_seconds", _positive_duration,
+            "per-request timeout for dcgm-exporter (default 2s)", "DURATION"),
 )
 
 # Keys only the YAML file (or env) sets: nested and rarely changed.

@@ -31,11 +31,11 @@ from kwatt.sampler import EnergyStage, PublishedCycle, Sampler
 from kwatt.signals.families import carbon_family, price_family, renderer
 from kwatt.signals.nodezone import NodeLabelZone
 from kwatt.signals.stage import SignalStage, build_signal_stage, static_zone
+from kwatt.sources.gpu import GpuBackend
 from kwatt.sources.hwmon import build_hwmon_cpu_meter, build_hwmon_meters
 from kwatt.sources.ipmi import build_ipmi_meter
 from kwatt.sources.meter import PlatformMeter
 from kwatt.sources.model import Coefficients, choose_coefficients
-from kwatt.sources.nvml import NvmlBackend
 from kwatt.sources.redfish import build_redfish_meter
 from kwatt.stages.platform import PlatformStage
 from kwatt.state import StateFile
@@ -137,10 +137,12 @@ class Exporter:
 
     def __init__(self, config: Config, web_config: WebConfig | None = None,
                  ssl_context: ssl.SSLContext | None = None,
-                 gpu_backend_factory: Callable[[], NvmlBackend] | None = None,
+                 gpu_backend_factory: Callable[[], GpuBackend] | None = None,
                  server_limits: ServerLimits = DEFAULT_LIMITS,
                  tls_reload_period_seconds: float = DEFAULT_PERIOD_SECONDS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 gpu_read_wait_seconds: float | None = None,
+                 amd_backend_factory: Callable[[], GpuBackend] | None = None) -> None:
         self.config = config
         self.web_config = web_config or WebConfig()
         self.ssl_context = ssl_context
@@ -163,7 +165,10 @@ class Exporter:
         # DRA devices become GPU UUIDs through the node's ResourceSlices: watched only on a
         # GPU node in Kubernetes mode with --gpu.dra on.
         slices = SliceStore() if kubernetes and config.gpu_dra == "on" else None
-        gpu = build_gpu_stage(config, gpu_backend_factory, slices=slices)
+        gpu = build_gpu_stage(config, gpu_backend_factory, slices=slices,
+                              read_wait_seconds=gpu_read_wait_seconds,
+                              amd_backend_factory=amd_backend_factory)
+        self._gpu_stage = gpu[0] if gpu else None
         stages: list[EnergyStage] = [gpu[0]] if gpu else []
         self.kube: KubernetesParts | None = None
         if kubernetes:
@@ -327,6 +332,8 @@ class Exporter:
         if self.server is not None:
             self.server.shutdown(timeout=1.0)
         self.stop_watch()
+        if self._gpu_stage is not None:
+            self._gpu_stage.stop()
         self.close_meters()
 
     def close_meters(self) -> None:

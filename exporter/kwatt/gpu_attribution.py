@@ -70,10 +70,11 @@ class GpuInterval(Generic[K]):
     utilisation: float | None = None  # device utilisation 0..1
     # Per-process SM utilisation summed per holder (or per Unattributed bucket).
     activity: Mapping[K | Unattributed, float] = field(default_factory=dict)
-    instances: tuple[MigShare[K], ...] = ()  # non-empty: MIG mode
+    instances: tuple[MigShare[K], ...] = ()  # non-empty: MIG mode (or AMD partitions)
     # Nobody holds it, but this fraction of it may be held through a DRA claim whose
     # device no ResourceSlice names: that part is ``unidentified``, not ``unallocated``.
     unidentified_share: float = 0.0
+    source: str = SOURCE  # the library that measured it: nvml, amdsmi
 
 
 def _split_by_weight(total: float, weights: Sequence[tuple[T, float]]) -> list[tuple[T, float]]:
@@ -165,7 +166,7 @@ def _mig_shares(total: float, instances: Sequence[MigShare[K]]
 
 
 def attribute_gpu(interval: GpuInterval[K]) -> ComponentSplit[K]:
-    """One GPU's interval as a ComponentSplit (component gpu, source nvml)."""
+    """One GPU's interval as a ComponentSplit (component gpu, the interval's source)."""
     total = max(interval.joules, 0.0)
     to_workloads: dict[K, float] = {}
     system = 0.0
@@ -178,11 +179,12 @@ def attribute_gpu(interval: GpuInterval[K]) -> ComponentSplit[K]:
                 other[key.reason] = other.get(key.reason, 0.0) + joules
         else:
             to_workloads[key] = to_workloads.get(key, 0.0) + joules
-    return ComponentSplit(COMPONENT, SOURCE, total, to_workloads, 0.0, system, other)
+    return ComponentSplit(COMPONENT, interval.source, total, to_workloads, 0.0, system,
+                          other)
 
 
 def merge_splits(splits: Sequence[ComponentSplit[K]]) -> ComponentSplit[K]:
-    """All GPUs of one cycle as one split (one ledger booking)."""
+    """All GPUs of one cycle and one source as one split (one ledger booking)."""
     to_workloads: dict[K, float] = {}
     other: dict[str, float] = {}
     for split in splits:
@@ -190,5 +192,6 @@ def merge_splits(splits: Sequence[ComponentSplit[K]]) -> ComponentSplit[K]:
             to_workloads[key] = to_workloads.get(key, 0.0) + joules
         for reason, joules in split.other.items():
             other[reason] = other.get(reason, 0.0) + joules
-    return ComponentSplit(COMPONENT, SOURCE, sum(s.joules for s in splits), to_workloads,
+    return ComponentSplit(COMPONENT, splits[0].source if splits else SOURCE,
+                          sum(s.joules for s in splits), to_workloads,
                           sum(s.idle for s in splits), sum(s.system for s in splits), other)

@@ -24,6 +24,8 @@ class GpuRow:
     energy_joules: float  # accumulated while kwatt runs; never decreases
     power_watts: float | None  # average over the last interval
     utilisation: float | None  # 0..1 over the last interval; None in MIG mode
+    vendor: str = "nvidia"
+    driver_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class GpuSnapshot:
     driver_version: str = ""
     gpus: tuple[GpuRow, ...] = ()
     allocations: tuple[AllocationRow, ...] = ()
+    read_seconds: float | None = None  # how long the last reading of every GPU took
+    read_overruns: int = 0  # readings still running when the next was due
 
 
 class GpuCollector(Collector):
@@ -63,8 +67,9 @@ class GpuCollector(Collector):
             "ran kernels (NVML utilisation; absent in MIG mode).",
             labels=("node", "gpu", "uuid"))
         info = GaugeMetricFamily(
-            "kwatt_gpu_info", "GPU model, driver and MIG mode; always 1.",
-            labels=("node", "gpu", "uuid", "model", "driver_version", "mig"))
+            "kwatt_gpu_info", "GPU vendor, model, driver and MIG mode (AMD: compute "
+            "partitions); always 1.",
+            labels=("node", "gpu", "uuid", "model", "driver_version", "mig", "vendor"))
         up = GaugeMetricFamily(
             "kwatt_gpu_up", "1 when the GPU answered NVML in the last sample, 0 while it is "
             "lost or failing (its energy is then not counted).",
@@ -77,8 +82,8 @@ class GpuCollector(Collector):
                 power.add_metric(labels, gpu.power_watts)
             if gpu.up and gpu.utilisation is not None:
                 utilisation.add_metric(labels, gpu.utilisation)
-            info.add_metric((*labels, gpu.model, snap.driver_version,
-                             "true" if gpu.mig else "false"), 1.0)
+            info.add_metric((*labels, gpu.model, gpu.driver_version or snap.driver_version,
+                             "true" if gpu.mig else "false", gpu.vendor), 1.0)
         allocation = GaugeMetricFamily(
             "kwatt_gpu_allocation_info", "Which container holds which GPU, from the kubelet "
             "PodResources API; always 1.",
@@ -86,7 +91,18 @@ class GpuCollector(Collector):
         for row in snap.allocations:
             allocation.add_metric((node, str(row.gpu), row.uuid, row.namespace, row.pod,
                                    row.container, row.resource), 1.0)
-        yield from (energy, power, utilisation, info, up, allocation)
+        duration = GaugeMetricFamily(
+            "kwatt_gpu_read_duration_seconds", "How long the last reading of every GPU "
+            "took on the GPU thread (its NVML calls).",
+            labels=("node",))
+        if snap.read_seconds is not None:
+            duration.add_metric((node,), snap.read_seconds)
+        overruns = CounterMetricFamily(
+            "kwatt_gpu_read_overruns_total", "GPU readings still running when the next was "
+            "due (slow or hung driver); their energy is booked when they complete.",
+            labels=("node",))
+        overruns.add_metric((node,), float(snap.read_overruns))
+        yield from (energy, power, utilisation, info, up, allocation, duration, overruns)
 
 
 def render_gpu(node: str) -> Callable[[object | None], Iterable[Metric]]:

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Hashable, Mapping
+from dataclasses import replace
 
 from kwatt.attribution import ComponentSplit
 from kwatt.config import Config
@@ -28,14 +29,18 @@ from kwatt.gpu_attribution import (
     merge_splits,
 )
 from kwatt.gpu_metrics import AllocationRow, GpuRow, GpuSnapshot, render_gpu
+from kwatt.gpu_poller import GpuPoller, merge_cycles
 from kwatt.ledger import WorkloadLabels
 from kwatt.logs import RateLimitedLog
 from kwatt.sampler import StageResult
-from kwatt.sources import nvml
-from kwatt.sources.nvml import GpuReader, GpuReading, NvmlBackend
+from kwatt.sources import dcgm, nvml
+from kwatt.sources.dcgm import DcgmActivitySource
+from kwatt.sources.gpu import CombinedReader, GpuBackend, load_reader
+from kwatt.sources.nvml import GpuReader, GpuReading, NvmlCycle
 from kwatt.state import GpuCounter
 from kwatt.text import decode_bytes
 from kwatt.workloads import podresources
+from kwatt.workloads.amdgpu_devices import amd_device_keys
 from kwatt.workloads.cgroups import CgroupIdentity, identify_cgroup_path
 from kwatt.workloads.podresources import (
     ClaimAllocation,
@@ -53,6 +58,17 @@ Holder = CgroupIdentity | Unattributed
 # Its SM samples are ignored rather than charged to "system", so that a shared GPU is split
 # evenly when kwatt cannot see the processes at all.
 INVISIBLE = CgroupIdentity("invisible")
+
+
+# The GPU thread's NVML time per reading, as a fraction of the interval: slow MIG calls
+# beyond it wait for the next reading, so readings keep up with the sampler.
+READ_BUDGET_FRACTION = 0.8
+# The sampler does not wait for the reading it asks for: it books the readings finished
+# since its last cycle (the GPU figures lag by up to one interval), so whether a reading is
+# fast or slow never moves the time at which the CPU figures are published.
+READ_WAIT_SECONDS = 0.0
+# A reading running longer than this (and at least 3 intervals) means a hung driver.
+STALL_SECONDS = 10.0
 
 
 class GpuUnavailable(Exception):
@@ -89,12 +105,30 @@ def identity_of_pid(procfs: str, pid: int) -> CgroupIdentity | None:
 
 
 class GpuStage:
-    """``EnergyStage`` for NVIDIA GPUs."""
+    """``EnergyStage`` for GPUs (NVIDIA through NVML, AMD through amdsmi)."""
 
-    def __init__(self, reader: GpuReader, client: PodResourcesClient | None, procfs: str,
+    def __init__(self, reader: GpuReader | CombinedReader, client: PodResourcesClient | None,
+                 procfs: str,
                  pid_identity: Callable[[str, int], CgroupIdentity | None] = identity_of_pid,
-                 slices: SliceStore | None = None) -> None:
+                 slices: SliceStore | None = None,
+                 poller: GpuPoller | None = None, read_wait_seconds: float = 0.0,
+                 stall_seconds: float = STALL_SECONDS, sysfs: str = "",
+                 dcgm: DcgmActivitySource | None = None) -> None:
+        """``poller``: read on its own thread, waiting ``read_wait_seconds`` for each
+        reading; None: read inline in ``sample`` (``--once``, tests that step cycles)."""
         self._reader = reader
+        self._dcgm = dcgm  # MIG instance activity from dcgm-exporter; None: on/off
+        self._sources = reader.sources
+        self._sysfs = sysfs  # AMD partitions' render nodes; empty: not resolved
+        self._amd_keys: dict[str, tuple[str, ...]] = {}
+        self._poller = poller
+        self._read_wait = read_wait_seconds
+        self._stall_seconds = stall_seconds
+        # The raw counters of the readings booked so far (restart state): the reader's
+        # own can be a reading ahead while the GPU thread runs.
+        self._counters: dict[str, tuple[int, float]] = {}
+        self._last_watts: dict[tuple[str, str], float] = {}
+        self._last_up: dict[str, bool] = dict.fromkeys(self._sources, True)
         self._client = client
         self._slices = slices
         self._procfs = procfs
@@ -116,12 +150,54 @@ class GpuStage:
     # -- restart state ----------------------------------------------------------------
 
     def export_counters(self) -> dict[str, GpuCounter]:
-        return {uuid: GpuCounter(mj, when) for uuid, (mj, when) in
-                self._reader.counters().items()}
+        return {uuid: GpuCounter(mj, when) for uuid, (mj, when) in self._counters.items()}
 
     def restore_counters(self, counters: Mapping[str, GpuCounter]) -> int:
-        return self._reader.seed({uuid: (c.energy_mj, c.monotonic)
-                                  for uuid, c in counters.items()})
+        """Before the first cycle (the GPU thread starts with the first request)."""
+        seeds = {uuid: (c.energy_mj, c.monotonic) for uuid, c in counters.items()}
+        seeded = self._reader.seed(seeds)
+        known = self._reader.counters()
+        self._counters.update({u: v for u, v in seeds.items() if known.get(u) == v})
+        return seeded
+
+    def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.stop()
+        if self._dcgm is not None:
+            self._dcgm.stop()
+
+    def _read(self, want_pids: bool) -> NvmlCycle | None:
+        """This cycle's reading; None when the GPU thread has none ready yet."""
+        if self._poller is None:
+            return self._reader.read(want_pids)
+        if not self._poller.request(want_pids):
+            self._ratelog.log(logging.WARNING, "overrun",
+                              "GPU reading overran its interval; GPU energy is booked when "
+                              "it completes", busy_seconds=round(self._poller.busy_seconds(), 3),
+                              overruns=self._poller.overruns)
+        cycles = self._poller.take(self._read_wait)
+        return merge_cycles(cycles) if cycles else None
+
+    def _no_reading(self, faults: list[Fault], source_up: dict[str, bool]) -> StageResult:
+        """No new reading this cycle: book nothing (the energy waits in the counters),
+        keep the last figures, and report a reading that hangs as an NVML timeout."""
+        assert self._poller is not None
+        busy = self._poller.busy_seconds()
+        snap = self._snapshot
+        if busy > self._stall_seconds:
+            for source in self._sources:
+                faults.append(Fault(source, "timeout", "gpu-thread",
+                                    f"no GPU reading completed for {busy:.1f}s"))
+                source_up[source] = False
+            self._last_up = dict.fromkeys(self._sources, False)
+            self._last_watts = {}
+            snap = self._snapshot = replace(snap, gpus=tuple(
+                replace(row, up=False, power_watts=None, utilisation=None)
+                for row in snap.gpus))
+        else:
+            source_up.update(self._last_up)
+        snap = self._snapshot = replace(snap, read_overruns=self._poller.overruns)
+        return StageResult([], faults, source_up, dict(self._last_watts), snap)
 
     # -- one cycle --------------------------------------------------------------------
 
@@ -147,10 +223,24 @@ class GpuStage:
 
         # NVML is read after the kubelet answered, however long that took: each GPU's
         # energy carries its own read time, so power is never skewed by the wait.
-        cycle = self._reader.read(want_pids=allocations is None or self._unmatched_holders)
+        cycle = self._read(want_pids=allocations is None or self._unmatched_holders)
+        if cycle is None:
+            return self._no_reading(faults, source_up)
         self.last_nvml_calls = cycle.calls
         faults.extend(cycle.faults)
-        source_up[nvml.SOURCE] = not cycle.faults
+        engine: Mapping[tuple[str, int], float] = {}
+        if self._dcgm is not None:
+            dcgm_faults, source_up[dcgm.SOURCE] = self._dcgm.take_faults()
+            faults.extend(dcgm_faults)
+            engine = self._dcgm.latest().by_instance
+        failed = {f.source for f in cycle.faults}
+        self._last_up = {source: source not in failed for source in self._sources}
+        source_up.update(self._last_up)
+        for gpu in cycle.gpus:
+            if not gpu.up:
+                self._counters.pop(gpu.uuid, None)
+            elif gpu.counter_mj is not None and gpu.read_at is not None:
+                self._counters[gpu.uuid] = (gpu.counter_mj, gpu.read_at)
 
         seen_pids: set[int] = set()
         gpu_pids = {g.uuid: g.compute_pids for g in cycle.gpus}
@@ -181,22 +271,30 @@ class GpuStage:
         unidentified_share = min(unresolved, len(unheld)) / len(unheld) if unheld else 0.0
         for gpu in cycle.gpus:
             interval = self._interval(gpu, holders.get(gpu.uuid, ()), mig_holders, seen_pids,
-                                      unidentified_share)
+                                      unidentified_share, engine)
             if interval is not None:
                 splits.append(attribute_gpu(interval))
             gpu_rows.append(self._account(gpu))
         for pid in [p for p in self._pid_cache if p not in seen_pids]:
             del self._pid_cache[pid]
-        self._snapshot = GpuSnapshot(self._reader.driver_version, tuple(gpu_rows), rows)
-        # One booking per cycle for all GPUs; a cycle with no GPU energy books nothing.
+        self._snapshot = GpuSnapshot(
+            self._reader.driver_version, tuple(gpu_rows), rows, cycle.seconds,
+            self._poller.overruns if self._poller is not None else 0)
+        # One booking per cycle and source for all GPUs; a cycle with no GPU energy books
+        # nothing.
         booked: list[ComponentSplit[Hashable]] = []
         watts: dict[tuple[str, str], float] = {}
-        if splits:
-            merged = merge_splits(splits)
+        by_source: dict[str, list[ComponentSplit[CgroupIdentity]]] = {}
+        for split in splits:
+            by_source.setdefault(split.source, []).append(split)
+        for source, group in by_source.items():
+            merged = merge_splits(group)
             booked.append(merged)  # type: ignore[arg-type]
             # Node GPU power from each GPU's own interval, as kwatt_gpu_power_watts.
-            watts[(merged.component, merged.source)] = sum(
-                row.power_watts for row in gpu_rows if row.up and row.power_watts is not None)
+            watts[(merged.component, source)] = sum(
+                row.power_watts for row, gpu in zip(gpu_rows, cycle.gpus, strict=True)
+                if gpu.source == source and row.up and row.power_watts is not None)
+        self._last_watts = watts
         return StageResult(booked, faults, source_up, watts, self._snapshot)
 
     def _account(self, gpu: GpuReading) -> GpuRow:
@@ -208,7 +306,13 @@ class GpuStage:
             if gpu.dt:
                 power = gpu.joules / gpu.dt
         return GpuRow(gpu.index, gpu.uuid, gpu.model, gpu.mig_enabled, gpu.up, total, power,
-                      gpu.utilisation)
+                      gpu.utilisation, gpu.vendor, self._driver(gpu.vendor))
+
+    def _driver(self, vendor: str) -> str:
+        reader = self._reader
+        if isinstance(reader, CombinedReader):
+            return reader.driver_versions().get(vendor, "")
+        return reader.driver_version
 
     def _identity(self, pid: int, seen: set[int]) -> CgroupIdentity | None:
         seen.add(pid)
@@ -218,16 +322,24 @@ class GpuStage:
 
     def _interval(self, gpu: GpuReading, holders: tuple[Holder, ...],
                   mig_holders: Mapping[str, tuple[Holder, ...]],
-                  seen: set[int], unidentified_share: float = 0.0
+                  seen: set[int], unidentified_share: float = 0.0,
+                  engine: Mapping[tuple[str, int], float] | None = None
                   ) -> GpuInterval[CgroupIdentity] | None:
         if not gpu.up or gpu.joules is None:
             return None
         if gpu.mig_enabled and gpu.instances:
+            # Activity: the instance's own where the library measures it (AMD partitions'
+            # GFX activity), else dcgm-exporter's engine activity where configured, else
+            # on while it runs a compute process (MIG).
+            engine = engine or {}
             shares = tuple(
-                MigShare[CgroupIdentity](i.slices, 1.0 if i.pids else 0.0,
-                                         mig_holders.get(i.uuid, ()))
+                MigShare[CgroupIdentity](
+                    i.slices,
+                    i.activity if i.activity is not None else
+                    engine.get((gpu.uuid, i.gpu_instance_id), 1.0 if i.pids else 0.0),
+                    mig_holders.get(i.uuid, ()))
                 for i in gpu.instances)
-            return GpuInterval(gpu.uuid, gpu.joules, instances=shares)
+            return GpuInterval(gpu.uuid, gpu.joules, instances=shares, source=gpu.source)
         activity: dict[Holder, float] = {}
         if len(set(holders)) > 1:
             members = set(holders)
@@ -239,7 +351,8 @@ class GpuStage:
                     else Unattributed("system")
                 activity[key] = activity.get(key, 0.0) + sample.sm_percent
         return GpuInterval(gpu.uuid, gpu.joules, holders, gpu.utilisation, activity,
-                           unidentified_share=unidentified_share if not holders else 0.0)
+                           unidentified_share=unidentified_share if not holders else 0.0,
+                           source=gpu.source)
 
     def _match_by_pid(self, holders: tuple[Holder, ...], pids: tuple[int, ...],
                       seen: set[int]) -> tuple[Holder, ...]:
@@ -330,8 +443,13 @@ class GpuStage:
         holders: dict[str, list[Holder]] = {}
         mig_holders: dict[str, list[Holder]] = {}
         rows: dict[AllocationRow, None] = {}
+        amd_targets = self._amd_targets(gpus)
         for a, ref in allocations:
-            if ref.kind == "mig":
+            amd = self._amd_target(a.device_id, amd_targets)
+            gpu: GpuReading | None
+            if amd is not None:
+                gpu, ref = amd
+            elif ref.kind == "mig":
                 gpu = mig_parent.get(ref.value)
             elif ref.kind == "index":
                 gpu = by_index.get(ref.value)
@@ -339,7 +457,7 @@ class GpuStage:
                 gpu = by_uuid.get(ref.value)
             if gpu is None:
                 self._ratelog.log(logging.INFO, f"unknown-device|{a.device_id}",
-                                  "PodResources names a GPU that NVML does not list",
+                                  "PodResources names a GPU that no GPU library lists",
                                   device_id=a.device_id, resource=a.resource,
                                   namespace=a.namespace, pod=a.pod, container=a.container)
                 continue
@@ -354,6 +472,35 @@ class GpuStage:
                                a.resource)] = None
         return ({k: tuple(v) for k, v in holders.items()},
                 {k: tuple(v) for k, v in mig_holders.items()}, tuple(rows))
+
+    @staticmethod
+    def _amd_targets(gpus: tuple[GpuReading, ...]
+                     ) -> dict[str, tuple[GpuReading, DeviceRef]]:
+        """AMD device plugin keys (PCI address, renderD<M>) -> GPU and what it names: a
+        partition when the GPU is partitioned, else the whole GPU."""
+        out: dict[str, tuple[GpuReading, DeviceRef]] = {}
+        for gpu in gpus:
+            if gpu.vendor != "amd":
+                continue
+            if gpu.bus_id:
+                out[gpu.bus_id] = (gpu, DeviceRef("gpu", gpu.uuid))
+            for instance in gpu.instances:
+                for alias in instance.aliases:
+                    out[alias] = (gpu, DeviceRef("mig", instance.uuid))
+        return out
+
+    def _amd_target(self, device_id: str,
+                    targets: Mapping[str, tuple[GpuReading, DeviceRef]]
+                    ) -> tuple[GpuReading, DeviceRef] | None:
+        if not targets:
+            return None
+        keys = self._amd_keys.get(device_id)
+        if keys is None:
+            keys = self._amd_keys[device_id] = amd_device_keys(device_id, self._sysfs)
+        for key in keys:
+            if key in targets:
+                return targets[key]
+        return None
 
     def _holders_from_processes(self, gpus: tuple[GpuReading, ...], seen: set[int]
                                 ) -> tuple[dict[str, tuple[Holder, ...]],
@@ -372,25 +519,51 @@ class GpuStage:
         return holders, mig_holders
 
 
+def _default_amd_backend() -> GpuBackend:
+    from kwatt.sources.amdsmi import AmdSmiBackend
+
+    return AmdSmiBackend()
+
+
 def build_gpu_stage(config: Config,
-                    backend_factory: Callable[[], NvmlBackend] | None = None,
+                    backend_factory: Callable[[], GpuBackend] | None = None,
                     clock: Callable[[], float] = time.monotonic,
-                    slices: SliceStore | None = None
+                    slices: SliceStore | None = None,
+                    read_wait_seconds: float | None = None,
+                    amd_backend_factory: Callable[[], GpuBackend] | None = None
                     ) -> tuple[GpuStage, StageRenderer] | None:
     """The GPU stage for ``--gpu auto|on|off``; None when GPUs are off or absent (auto).
 
-    Raises ``GpuUnavailable`` for ``--gpu on`` when NVML cannot be loaded or sees no GPU.
+    Every vendor library that loads and lists a GPU is used: NVML (``backend_factory``,
+    default nvidia-ml-py) and AMD SMI (``amd_backend_factory``, default amdsmi).
+    GPUs are read on their own thread (inline with ``--once``). ``read_wait_seconds``: how
+    long a cycle waits for the reading it asked for (default ``READ_WAIT_SECONDS``).
+    Raises ``GpuUnavailable`` for ``--gpu on`` when no library lists a GPU.
     """
     if config.gpu == "off":
         return None
-    reader, why = nvml.load_backend(backend_factory, clock)
-    if reader is not None and not reader.gpu_count:
-        reader, why = None, "NVML lists no GPU"
-    if reader is None:
+    readers: list[GpuReader] = []
+    why: list[str] = []
+    for name, factory in (
+            ("NVML", backend_factory or nvml.PynvmlBackend),
+            ("amdsmi", amd_backend_factory or _default_amd_backend)):
+        found, reason = load_reader(factory, clock, config.gpu_mig_refresh_seconds)
+        if found is not None and not found.gpu_count:
+            found, reason = None, "lists no GPU"
+        if found is None:
+            why.append(f"{name}: {reason}")
+            continue
+        readers.append(found)
+        log.info("reading GPU energy", extra={
+            "library": name, "gpus": found.gpu_count, "driver_version": found.driver_version})
+    if not readers:
         if config.gpu == "on":
-            raise GpuUnavailable(f"--gpu on: cannot use NVML: {why}")
-        log.info("GPU energy not measured: NVML unavailable (--gpu auto)", extra={"why": why})
+            raise GpuUnavailable(f"--gpu on: no GPU library lists a GPU ({'; '.join(why)})")
+        log.info("GPU energy not measured: no GPU library (--gpu auto)",
+                 extra={"why": "; ".join(why)})
         return None
+    reader: GpuReader | CombinedReader = readers[0] if len(readers) == 1 \
+        else CombinedReader(readers)
     client: PodResourcesClient | None = None
     socket = config.pod_resources_socket
     if config.kubernetes == "on" or (config.kubernetes == "auto" and os.path.exists(socket)):
@@ -408,7 +581,23 @@ def build_gpu_stage(config: Config,
     else:
         log.info("GPU holders from NVML's process list (no kubelet PodResources)",
                  extra={"kubernetes": config.kubernetes, "socket": socket})
-    log.info("reading GPU energy through NVML", extra={
-        "gpus": reader.gpu_count, "driver_version": reader.driver_version})
-    stage = GpuStage(reader, client, config.procfs, slices=slices)
+    interval = config.interval_seconds
+    poller = None if config.once else GpuPoller(
+        reader, READ_BUDGET_FRACTION * interval, clock)
+    wait = READ_WAIT_SECONDS if read_wait_seconds is None else read_wait_seconds
+    activity = None
+    if config.gpu_dcgm_exporter_url:
+        activity = DcgmActivitySource(config.gpu_dcgm_exporter_url,
+                                      config.gpu_dcgm_exporter_interval_seconds,
+                                      config.gpu_dcgm_exporter_timeout_seconds)
+        log.info("MIG instances weighted by dcgm-exporter's engine activity", extra={
+            "url": config.gpu_dcgm_exporter_url})
+        if not config.once:
+            activity.start()
+        else:
+            activity.refresh()
+    stage = GpuStage(reader, client, config.procfs, slices=slices, poller=poller,
+                     read_wait_seconds=wait,
+                     stall_seconds=max(STALL_SECONDS, 3 * interval), sysfs=config.sysfs,
+                     dcgm=activity)
     return stage, render_gpu(config.node_name)

@@ -39,7 +39,9 @@ def test_scrape_mid_cycle_sees_one_cycle(tmp_path: Path) -> None:
         "--path.sysfs", str(node.sysfs), "--path.procfs", str(node.procfs),
         "--kubernetes", "off", "--gpu", "on", "--web.listen-address", "127.0.0.1:0",
         "--node-name", "sim"], env={})
-    exporter = Exporter(config, gpu_backend_factory=lambda: FakeNvml(gpus))
+    # Each stepped cycle waits for its own GPU reading (the GPU thread is fast here).
+    exporter = Exporter(config, gpu_backend_factory=lambda: FakeNvml(gpus),
+                        gpu_read_wait_seconds=30.0)
     server = exporter.serve()
     port = int(server.server_address[1])
     scrapes: list[str] = []

@@ -74,7 +74,9 @@ def test_forbidden_resource_slices_make_dra_gpus_unidentified_then_charged(
                 tmp_path / "kubeconfig", url)),
             "--gpu", "on", "--web.listen-address", "127.0.0.1:0", "--node-name", NODE,
             "--kubelet.pod-resources-socket", kubelet.socket_path], env={})
-        exporter = Exporter(config, gpu_backend_factory=lambda: FakeNvml(gpus))
+        # The test steps cycles: each waits for its GPU reading (GPUs read on their thread).
+        exporter = Exporter(config, gpu_backend_factory=lambda: FakeNvml(gpus),
+                            gpu_read_wait_seconds=30.0)
         exporter.start_watch()
         server = exporter.serve()
         port = int(server.server_address[1])

@@ -1,380 +1,54 @@
-"""GPU energy and activity from NVML, behind a small interface of our own.
+"""NVIDIA GPUs through NVML (nvidia-ml-py): ``PynvmlBackend`` implements ``GpuBackend``.
 
-``NvmlBackend`` is the handful of NVML calls kwatt makes, addressed by GPU UUID;
-``PynvmlBackend`` implements it over nvidia-ml-py (tests/nvml_fake.py implements it over
-scripted values). ``GpuReader`` holds everything that is not a plain NVML call: discovery,
-turning the energy counter (or integrated power) into per-interval joules that pass the
-plausibility rule of ``kwatt.counters``, each stamped with the time it was read, the
-last-seen timestamp of per-process samples, GPUs that get lost and come back. Per-call
-errors become ``Fault`` objects (source ``nvml``); one bad GPU never stops the others.
+The reader, the interface and the reading types are vendor-neutral and live in
+``kwatt.sources.gpu``; the old NVML names stay importable from here.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
-from kwatt.counters import CounterLimits, ceiling_from_limits, checked_step
-from kwatt.faults import Fault
+from kwatt.sources.gpu import (
+    GPU_BOUND_WATTS,
+    EnergyCounter,
+    GpuBackend,
+    GpuCallError,
+    GpuCycle,
+    GpuLibraryUnavailable,
+    GpuReader,
+    GpuReading,
+    MigInstance,
+    ProcessSample,
+    load_reader,
+    normalise_bus_id,
+)
 
 SOURCE = "nvml"
-# The highest average power one NVML device can honestly show when it states no power
-# limit (kwatt.counters): twice the largest board power shipping today (B300, ~1.4 kW).
-GPU_BOUND_WATTS = 3000.0
 log = logging.getLogger("kwatt.nvml")
+# The names this module had before AMD GPUs came in.
+NvmlBackend = GpuBackend
+NvmlCallError = GpuCallError
+NvmlUnavailable = GpuLibraryUnavailable
+NvmlCycle = GpuCycle
 
-
-class NvmlCallError(Exception):
-    """One NVML call failed. ``kind``: lost, not_supported, not_found, permission, timeout,
-    unknown."""
-
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(f"{kind}: {detail}")
-        self.kind = kind
-        self.detail = detail
-
-
-class NvmlUnavailable(Exception):
-    """NVML cannot be initialised (no driver, no library, no GPU)."""
-
-
-_FAULT_REASON = {"lost": "absent", "not_found": "absent", "permission": "permission",
-                 "timeout": "timeout", "not_supported": "api", "unknown": "api"}
-
-
-@dataclass(frozen=True)
-class ProcessSample:
-    """One ``nvmlDeviceGetProcessUtilization`` sample: SM percent of one PID."""
-
-    pid: int
-    sm_percent: float
-    timestamp_us: int
-
-
-@dataclass(frozen=True)
-class MigInstance:
-    uuid: str  # MIG-<uuid>, as the device plugin reports it
-    gpu_instance_id: int
-    slices: int  # GPU instance slice count (3 for 3g.20gb)
-    profile: str  # e.g. "3g.20gb" or the device name when NVML gives no profile
-    pids: tuple[int, ...] = ()  # compute processes running in the instance
-
-
-class NvmlBackend(Protocol):
-    """The NVML calls kwatt makes. Each raises ``NvmlCallError`` on failure."""
-
-    def init(self) -> None:
-        """Load and initialise NVML; raise ``NvmlUnavailable`` when it cannot."""
-
-    def driver_version(self) -> str: ...
-    def device_uuids(self) -> list[str]:
-        """UUIDs of all GPUs, in NVML index order."""
-    def name(self, uuid: str) -> str: ...
-    def index(self, uuid: str) -> int: ...
-    def total_energy_mj(self, uuid: str) -> int: ...
-    def power_mw(self, uuid: str) -> int: ...
-    def power_limit_mw(self, uuid: str) -> int:
-        """The enforced power limit (``nvmlDeviceGetEnforcedPowerLimit``)."""
-    def utilisation_percent(self, uuid: str) -> int: ...
-    def process_utilisation(self, uuid: str, since_us: int) -> list[ProcessSample]: ...
-    def compute_pids(self, uuid: str) -> list[int]: ...
-    def mig_enabled(self, uuid: str) -> bool: ...
-    def mig_instances(self, uuid: str) -> list[MigInstance]: ...
-
-
-@dataclass(frozen=True)
-class GpuReading:
-    """One GPU over one interval, as the attribution needs it."""
-
-    index: int
-    uuid: str
-    model: str
-    mig_enabled: bool
-    up: bool
-    joules: float | None = None  # None on the first reading and after a re-baseline
-    dt: float | None = None
-    utilisation: float | None = None  # 0..1
-    process_samples: tuple[ProcessSample, ...] = ()
-    compute_pids: tuple[int, ...] = ()
-    instances: tuple[MigInstance, ...] = ()
-    energy_source: str = "counter"  # counter or power (integrated nvmlDeviceGetPowerUsage)
-    read_at: float | None = None  # when the energy was read, on the reader's clock
-
-
-@dataclass(frozen=True)
-class NvmlCycle:
-    gpus: tuple[GpuReading, ...]
-    faults: tuple[Fault, ...]
-    calls: int  # NVML calls made this cycle, for the benchmark
-
-
-@dataclass
-class _GpuState:
-    uuid: str
-    index: int
-    model: str = ""
-    mig_enabled: bool = False
-    up: bool = True
-    has_counter: bool = True
-    has_process_utilisation: bool = True
-    last_energy_mj: int | None = None
-    last_power_mw: int | None = None
-    last_time: float | None = None
-    last_seen_us: int = 0
-    static_known: bool = False
-    ceiling_watts: float = GPU_BOUND_WATTS
-    instances: tuple[MigInstance, ...] = field(default_factory=tuple)
-
-
-class GpuReader:
-    """Reads every GPU once per cycle through a backend; keeps the counter state."""
-
-    def __init__(self, backend: NvmlBackend,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._backend = backend
-        # Each GPU's energy is stamped when it is read, not when the cycle began: the
-        # stage may have waited on the kubelet first, and power is joules over these times.
-        self._clock = clock
-        self._gpus: dict[str, _GpuState] = {}
-        self._calls = 0
-        self.driver_version = ""
-
-    @property
-    def gpu_count(self) -> int:
-        return len(self._gpus)
-
-    def start(self) -> list[Fault]:
-        """Initialise NVML and discover the GPUs. Raises ``NvmlUnavailable``."""
-        self._backend.init()
-        faults: list[Fault] = []
-        self.driver_version = self._call(faults, "driver", self._backend.driver_version) or ""
-        self._discover(faults)
-        return faults
-
-    def _call(self, faults: list[Fault], subject: str, fn: Callable[..., Any],
-              *args: Any) -> Any:
-        self._calls += 1
-        try:
-            return fn(*args)
-        except NvmlCallError as exc:
-            faults.append(Fault(SOURCE, _FAULT_REASON.get(exc.kind, "api"), subject,
-                                f"{getattr(fn, '__name__', 'nvml')}: {exc.detail}"))
-            return None
-
-    def _discover(self, faults: list[Fault]) -> None:
-        uuids = self._call(faults, "devices", self._backend.device_uuids)
-        for position, uuid in enumerate(uuids or []):
-            if uuid not in self._gpus:
-                self._gpus[uuid] = _GpuState(uuid, position)
-                log.info("found GPU", extra={"gpu": position, "uuid": uuid})
-
-    def _learn_static(self, gpu: _GpuState, faults: list[Fault]) -> bool:
-        before = len(faults)
-        b = self._backend
-        index = self._call(faults, gpu.uuid, b.index, gpu.uuid)
-        model = self._call(faults, gpu.uuid, b.name, gpu.uuid)
-        try:
-            self._calls += 1
-            mig = b.mig_enabled(gpu.uuid)
-        except NvmlCallError as exc:
-            if exc.kind != "not_supported":  # pre-Ampere GPUs: MIG simply does not exist
-                faults.append(Fault(SOURCE, _FAULT_REASON.get(exc.kind, "api"), gpu.uuid,
-                                    f"mig_enabled: {exc.detail}"))
-            mig = False
-        if len(faults) > before:
-            return False
-        gpu.index, gpu.model, gpu.mig_enabled = int(index), str(model), bool(mig)
-        gpu.ceiling_watts = self._current_ceiling(gpu)
-        gpu.static_known = True
-        return True
-
-    def _current_ceiling(self, gpu: _GpuState) -> float:
-        """Twice the enforced power limit as it is now, at most ``GPU_BOUND_WATTS``."""
-        try:
-            self._calls += 1
-            limits = [self._backend.power_limit_mw(gpu.uuid) / 1000.0]
-        except NvmlCallError:
-            limits = []  # the limit only narrows the ceiling; without it the bound applies
-        return ceiling_from_limits(limits, GPU_BOUND_WATTS)
-
-    def read(self, want_pids: bool) -> NvmlCycle:
-        """One reading of every GPU. ``want_pids``: also list compute processes (host mode)."""
-        self._calls = 0
-        faults: list[Fault] = []
-        if any(not g.up for g in self._gpus.values()):
-            self._discover(faults)  # a GPU that fell off the bus may come back renumbered
-        out = [self._read_gpu(gpu, want_pids, faults) for gpu in self._gpus.values()]
-        out.sort(key=lambda r: r.index)
-        return NvmlCycle(tuple(out), tuple(faults), self._calls)
-
-    def counters(self) -> dict[str, tuple[int, float]]:
-        """UUID -> (energy mJ, when read) the next deltas start from (restart state)."""
-        return {g.uuid: (g.last_energy_mj, g.last_time) for g in self._gpus.values()
-                if g.has_counter and g.last_energy_mj is not None and g.last_time is not None}
-
-    def seed(self, counters: Mapping[str, tuple[int, float]]) -> int:
-        """Start the next deltas from counters read before a restart; returns how many
-        GPUs were seeded. A counter that is lower by then (driver reload) takes the
-        normal backwards path: re-baselined, nothing booked."""
-        seeded = 0
-        for uuid, (energy_mj, when) in counters.items():
-            gpu = self._gpus.get(uuid)
-            if gpu is not None and gpu.has_counter:
-                gpu.last_energy_mj, gpu.last_time = energy_mj, when
-                seeded += 1
-        return seeded
-
-    def _mark_down(self, gpu: _GpuState) -> GpuReading:
-        if gpu.up:
-            log.warning("GPU is down; its energy is not counted until it answers again",
-                        extra={"gpu": gpu.index, "uuid": gpu.uuid})
-        gpu.up = False
-        # Energy spent while it was unreadable cannot be attributed to anyone: start over.
-        gpu.last_energy_mj = gpu.last_power_mw = None
-        gpu.last_time = None
-        gpu.static_known = False
-        return GpuReading(gpu.index, gpu.uuid, gpu.model, gpu.mig_enabled, up=False)
-
-    def _read_gpu(self, gpu: _GpuState, want_pids: bool,
-                  faults: list[Fault]) -> GpuReading:
-        b = self._backend
-        before = len(faults)
-        if not gpu.static_known and not self._learn_static(gpu, faults):
-            return self._mark_down(gpu)
-        if not gpu.up:
-            log.info("GPU is back", extra={"gpu": gpu.index, "uuid": gpu.uuid})
-            gpu.up = True
-
-        implausible: list[Fault] = []
-        joules, energy_source, read_at = self._energy(gpu, faults, implausible)
-        if len(faults) > before:
-            return self._mark_down(gpu)
-        # An implausible step is counted, but the GPU answered: it stays up.
-        faults.extend(implausible)
-        before = len(faults)
-        dt = None if gpu.last_time is None else read_at - gpu.last_time
-        gpu.last_time = read_at
-
-        utilisation: float | None = None
-        samples: tuple[ProcessSample, ...] = ()
-        instances: tuple[MigInstance, ...] = ()
-        pids: tuple[int, ...] = ()
-        if gpu.mig_enabled:
-            # MIG has no device or per-process utilisation; instance activity comes from
-            # the processes running in each instance.
-            found = self._call(faults, gpu.uuid, b.mig_instances, gpu.uuid)
-            instances = tuple(found) if found is not None else gpu.instances
-            gpu.instances = instances
-        else:
-            percent = self._optional(gpu, faults, b.utilisation_percent, gpu.uuid)
-            utilisation = None if percent is None else min(max(percent / 100.0, 0.0), 1.0)
-            samples = self._process_samples(gpu, faults)
-            if want_pids:
-                found = self._call(faults, gpu.uuid, b.compute_pids, gpu.uuid)
-                pids = tuple(found or ())
-        if any(f.reason == "absent" for f in faults[before:]):
-            return self._mark_down(gpu)
-        return GpuReading(gpu.index, gpu.uuid, gpu.model, gpu.mig_enabled, True,
-                          joules if dt is not None else None, dt, utilisation, samples, pids,
-                          instances, energy_source, read_at)
-
-    def _optional(self, gpu: _GpuState, faults: list[Fault], fn: Callable[..., Any],
-                  *args: Any) -> Any:
-        self._calls += 1
-        try:
-            return fn(*args)
-        except NvmlCallError as exc:
-            if exc.kind != "not_supported":
-                faults.append(Fault(SOURCE, _FAULT_REASON.get(exc.kind, "api"), gpu.uuid,
-                                    f"{getattr(fn, '__name__', 'nvml')}: {exc.detail}"))
-            return None
-
-    def _energy(self, gpu: _GpuState, faults: list[Fault], implausible: list[Fault]
-                ) -> tuple[float | None, str, float]:
-        """This interval's joules (None: unknown), where they come from, and when read."""
-        b = self._backend
-        if gpu.has_counter:
-            self._calls += 1
-            try:
-                mj = b.total_energy_mj(gpu.uuid)
-            except NvmlCallError as exc:
-                if exc.kind != "not_supported":
-                    faults.append(Fault(SOURCE, _FAULT_REASON.get(exc.kind, "api"), gpu.uuid,
-                                        f"total_energy_mj: {exc.detail}"))
-                    return None, "counter", self._clock()
-                log.info("GPU has no energy counter; integrating its power readings",
-                         extra={"gpu": gpu.index, "uuid": gpu.uuid})
-                gpu.has_counter = False
-            else:
-                read_at = self._clock()
-                previous = gpu.last_energy_mj
-                # Re-baselined on every reading: after a driver reload (the counter counts
-                # since driver load) or a glitch, the next interval is measured again.
-                gpu.last_energy_mj = mj
-                if previous is None:
-                    return None, "counter", read_at
-                dt = None if gpu.last_time is None else read_at - gpu.last_time
-                # A 64-bit counter in mJ never wraps: going back is a reset, never a wrap.
-                # A limit raised since discovery (nvidia-smi -pl) is re-read on rejection.
-                step, gpu.ceiling_watts = checked_step(
-                    previous, mj, dt, CounterLimits(1e-3, gpu.ceiling_watts, None),
-                    lambda: self._current_ceiling(gpu))
-                if step.problem is not None:
-                    implausible.append(Fault(SOURCE, "implausible", gpu.uuid,
-                                             f"total_energy_mj: {step.problem}"))
-                return step.joules, "counter", read_at
-        mw = self._call(faults, gpu.uuid, b.power_mw, gpu.uuid)
-        read_at = self._clock()
-        if mw is None:
-            return None, "power", read_at
-        previous_mw, gpu.last_power_mw = gpu.last_power_mw, int(mw)
-        if previous_mw is None or gpu.last_time is None:
-            return None, "power", read_at
-        # Trapezoid over the interval: both ends are ~1 s averages NVML keeps for us.
-        watts = max((previous_mw + int(mw)) / 2.0 / 1000.0, 0.0)
-        if watts > gpu.ceiling_watts:
-            gpu.ceiling_watts = max(gpu.ceiling_watts, self._current_ceiling(gpu))
-        if watts > gpu.ceiling_watts:
-            implausible.append(Fault(SOURCE, "implausible", gpu.uuid,
-                                     f"power_mw: {watts:.0f} W is above the "
-                                     f"{gpu.ceiling_watts:.0f} W ceiling"))
-            gpu.last_power_mw = None
-            return None, "power", read_at
-        return watts * (read_at - gpu.last_time), "power", read_at
-
-    def _process_samples(self, gpu: _GpuState,
-                         faults: list[Fault]) -> tuple[ProcessSample, ...]:
-        if not gpu.has_process_utilisation:
-            return ()
-        self._calls += 1
-        try:
-            samples = self._backend.process_utilisation(gpu.uuid, gpu.last_seen_us)
-        except NvmlCallError as exc:
-            if exc.kind == "not_found":  # no process had activity since last_seen
-                return ()
-            if exc.kind == "not_supported":
-                log.info("GPU has no per-process utilisation; shared GPUs split evenly",
-                         extra={"gpu": gpu.index, "uuid": gpu.uuid})
-                gpu.has_process_utilisation = False
-                return ()
-            faults.append(Fault(SOURCE, _FAULT_REASON.get(exc.kind, "api"), gpu.uuid,
-                                f"process_utilisation: {exc.detail}"))
-            return ()
-        fresh = tuple(s for s in samples if s.timestamp_us > gpu.last_seen_us)
-        if fresh:
-            gpu.last_seen_us = max(s.timestamp_us for s in fresh)
-        return fresh
+__all__ = ["GPU_BOUND_WATTS", "SOURCE", "GpuReader", "GpuReading", "MigInstance",
+           "NvmlBackend", "NvmlCallError", "NvmlCycle", "NvmlUnavailable", "ProcessSample",
+           "PynvmlBackend", "load_backend"]
 
 
 # --------------------------------------------------------------------------- pynvml
 
 
 class PynvmlBackend:
-    """``NvmlBackend`` over nvidia-ml-py. Handles are looked up by UUID and cached; a handle
+    """``GpuBackend`` over nvidia-ml-py. Handles are looked up by UUID and cached; a handle
     is dropped when its GPU is lost so that it is looked up afresh when the GPU returns."""
+
+    source = SOURCE
+    vendor = "nvidia"
+    instance_activity_supported = False  # MIG instances have no utilisation in NVML
 
     def __init__(self) -> None:
         import pynvml
@@ -382,7 +56,7 @@ class PynvmlBackend:
         self._nv: Any = pynvml
         self._handles: dict[str, Any] = {}
 
-    def _error(self, exc: Exception) -> NvmlCallError:
+    def _error(self, exc: Exception) -> GpuCallError:
         nv = self._nv
         code = getattr(exc, "value", None)
         # NVML_SUCCESS as an error: pynvml's nvmlDeviceGetProcessUtilization raises it when
@@ -392,7 +66,7 @@ class PynvmlBackend:
                 nv.NVML_ERROR_NOT_FOUND: "not_found", nv.NVML_ERROR_NO_PERMISSION: "permission",
                 nv.NVML_ERROR_TIMEOUT: "timeout", nv.NVML_ERROR_INVALID_ARGUMENT: "not_found",
                 }.get(code, "unknown")
-        return NvmlCallError(kind, str(exc))
+        return GpuCallError(kind, str(exc))
 
     def _run(self, fn: Callable[..., Any], uuid: str | None, *args: Any) -> Any:
         try:
@@ -412,9 +86,9 @@ class PynvmlBackend:
         try:
             self._nv.nvmlInit()
         except self._nv.NVMLError as exc:
-            raise NvmlUnavailable(str(exc)) from exc
+            raise GpuLibraryUnavailable(str(exc)) from exc
         except OSError as exc:
-            raise NvmlUnavailable(str(exc)) from exc
+            raise GpuLibraryUnavailable(str(exc)) from exc
 
     def driver_version(self) -> str:
         return str(self._run(self._nv.nvmlSystemGetDriverVersion, None))
@@ -438,8 +112,18 @@ class PynvmlBackend:
     def index(self, uuid: str) -> int:
         return int(self._run(self._nv.nvmlDeviceGetIndex, uuid))
 
-    def total_energy_mj(self, uuid: str) -> int:
-        return int(self._run(self._nv.nvmlDeviceGetTotalEnergyConsumption, uuid))
+    def energy_counter(self, uuid: str) -> EnergyCounter:
+        # mJ since the driver loaded, 64 bits: never wraps in practice.
+        return EnergyCounter(
+            int(self._run(self._nv.nvmlDeviceGetTotalEnergyConsumption, uuid)), 1e-3)
+
+    def bus_id(self, uuid: str) -> str:
+        info = self._run(self._nv.nvmlDeviceGetPciInfo, uuid)
+        bus = info.busId
+        return normalise_bus_id(bus.decode() if isinstance(bus, bytes) else str(bus))
+
+    def instance_activity(self, instance_uuid: str) -> float | None:
+        raise GpuCallError("not_supported", "NVML has no MIG instance utilisation")
 
     def power_mw(self, uuid: str) -> int:
         return int(self._run(self._nv.nvmlDeviceGetPowerUsage, uuid))
@@ -462,7 +146,7 @@ class PynvmlBackend:
         current, _pending = self._run(self._nv.nvmlDeviceGetMigMode, uuid)
         return bool(current == self._nv.NVML_DEVICE_MIG_ENABLE)
 
-    def mig_instances(self, uuid: str) -> list[MigInstance]:
+    def mig_layout(self, uuid: str) -> list[MigInstance]:
         nv = self._nv
 
         def each(parent: Any) -> list[MigInstance]:
@@ -476,18 +160,21 @@ class PynvmlBackend:
                     raise
                 attributes = nv.nvmlDeviceGetAttributes(mig)
                 name = str(nv.nvmlDeviceGetName(mig))
-                try:
-                    pids = tuple(int(p.pid) for p in
-                                 nv.nvmlDeviceGetComputeRunningProcesses(mig))
-                except nv.NVMLError:
-                    pids = ()
+                instance_uuid = str(nv.nvmlDeviceGetUUID(mig))
+                # Kept for instance_pids: the steady state makes one call per instance.
+                self._handles[instance_uuid] = mig
                 out.append(MigInstance(
-                    uuid=str(nv.nvmlDeviceGetUUID(mig)),
+                    uuid=instance_uuid,
                     gpu_instance_id=int(nv.nvmlDeviceGetGpuInstanceId(mig)),
                     slices=int(attributes.gpuInstanceSliceCount),
-                    profile=_mig_profile(name), pids=pids))
+                    profile=_mig_profile(name)))
             return out
         return list(self._run(each, uuid))
+
+    def instance_pids(self, instance_uuid: str) -> list[int]:
+        # nvmlDeviceGetHandleByUUID accepts MIG UUIDs too, should the handle be dropped.
+        return [int(p.pid) for p in self._run(
+            self._nv.nvmlDeviceGetComputeRunningProcesses, instance_uuid)]
 
 
 def _mig_profile(device_name: str) -> str:
@@ -496,19 +183,10 @@ def _mig_profile(device_name: str) -> str:
     return tail.strip() if sep else device_name
 
 
-def load_backend(factory: Callable[[], NvmlBackend] | None = None,
-                 clock: Callable[[], float] = time.monotonic
+def load_backend(factory: Callable[[], GpuBackend] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 mig_refresh_seconds: float = 60.0
                  ) -> tuple[GpuReader | None, str]:
     """A started reader, or None and a one-line reason why NVML cannot be used."""
-    try:
-        backend = factory() if factory is not None else PynvmlBackend()
-        reader = GpuReader(backend, clock)
-        faults = reader.start()
-    except (NvmlUnavailable, ImportError, OSError) as exc:
-        return None, str(exc) or type(exc).__name__
-    for fault in faults:
-        log.warning("NVML discovery failed", extra={"subject": fault.subject,
-                                                    "reason": fault.reason,
-                                                    "detail": fault.detail})
-    return reader, ""
-
+    return load_reader(factory if factory is not None else PynvmlBackend, clock,
+                       mig_refresh_seconds)
