@@ -140,10 +140,21 @@ def build(currency_unit: str) -> dashboard.Dashboard:
         .with_panel(ts(
             "Energy per model server per day", "Energy of each InferenceService, "
             "LeaderWorkerSet and RayService over the 24 hours before each point (recording "
-            "rule workload:kwatt_energy_joules:increase1d). Energy per token needs the "
-            "serving rate: see docs/kubernetes.md.", "kwatth",
+            "rule workload:kwatt_energy_joules:increase1d).", "kwatth",
             target(per_server_day, "{{namespace}}/{{workload}} ({{workload_kind}})"),
-            width=24))
+            width=12))
+        .with_panel(ts(
+            "Joules per generated token per model server", "Power of the pods that "
+            "generate tokens (vLLM, TGI, SGLang) divided by their token rate, per model "
+            "server (recording rules workload:kwatt_serving_power_watts:rate5m and "
+            "workload:kwatt_generated_tokens:rate5m of the AI efficiency group). Servers "
+            "that report no tokens (Triton: requests only) have no line here; see the AI "
+            "efficiency dashboard.", "joule",
+            target(f"sum by ({BY_RUN}) (workload:kwatt_serving_power_watts:rate5m"
+                   f"{SERVER_SEL})\n/ (sum by ({BY_RUN}) (workload:kwatt_generated_tokens"
+                   f":rate5m{SERVER_SEL}) > 0)",
+                   "{{namespace}}/{{workload}} ({{workload_kind}})"),
+            width=12))
         .with_panel(bars(
             "Model servers by energy over range", "Energy of each model server over the "
             "range, from the workload counter.", "kwatth",
