@@ -24,7 +24,6 @@ import io
 import logging
 import os
 import queue
-import resource
 import selectors
 import socket
 import ssl
@@ -40,6 +39,7 @@ from prometheus_client import make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from kwatt.fdlimit import raise_open_file_limit
 from kwatt.logs import RateLimitedLog
 
 StartResponse = Callable[..., Any]
@@ -152,20 +152,6 @@ def _status_only(status: str) -> bytes:
     body = status.split(" ", 1)[1].encode() + b"\n"
     return (f"HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
-
-
-def raise_open_file_limit(wanted: int) -> None:
-    """Lift the soft RLIMIT_NOFILE towards the hard one so the connection cap, not the
-    default soft limit of 1024, decides how many clients fit (as Go does at start)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= wanted:
-        return
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if target > soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):
-            pass
 
 
 class HTTPServer:
