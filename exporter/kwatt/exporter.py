@@ -35,6 +35,7 @@ from kwatt.web import (
     ServerCollector,
     ServerLimits,
     build_app,
+    cached_metrics_app,
     start_server,
 )
 from kwatt.webconfig import SecureApp, WebConfig, secure_app
@@ -56,6 +57,11 @@ class _Swappable(Collector):
 
     def collect(self) -> Iterable[Metric]:
         return self.inner.collect()
+
+    def exposition(self, openmetrics: bool, gzipped: bool) -> bytes:
+        inner = self.inner
+        assert isinstance(inner, CycleCollector)
+        return inner.exposition(openmetrics, gzipped)
 
 
 def _static_info(config: Config) -> StaticInfo:
@@ -112,13 +118,20 @@ class Exporter:
         self._kwatt_collector = _Swappable(CycleCollector(
             self._scraped_cycle, _static_info(config), self._stage_renderers))
         self.registry.register(self._kwatt_collector)
-        self.registry.register(ServerCollector(
+        # What changes on every scrape, rendered then; the cycle's families are rendered
+        # once per cycle (cached_metrics_app).
+        self.live_registry = CollectorRegistry(auto_describe=False)
+        live: list[Collector] = [ServerCollector(
             lambda: self.server.stats if self.server is not None else None,
-            config.node_name))
+            config.node_name)]
         if self.kube is not None:
-            self.registry.register(self.kube.collector)
-        ProcessCollector(registry=self.registry)
-        GCCollector(registry=self.registry)
+            live.append(self.kube.collector)
+        for collector in live:
+            self.registry.register(collector)
+            self.live_registry.register(collector)
+        for registry in (self.registry, self.live_registry):
+            ProcessCollector(registry=registry)
+            GCCollector(registry=registry)
         self._started = time.monotonic()
 
     def _scraped_cycle(self) -> PublishedCycle:
@@ -148,7 +161,9 @@ class Exporter:
 
     def app(self) -> SecureApp:
         if self._secure is None:
-            self._secure = secure_app(build_app(self.registry, self.healthy), self.web_config)
+            self._secure = secure_app(build_app(
+                self.registry, self.healthy, cached_metrics_app(
+                    self.registry, self._kwatt_collector, self.live_registry)), self.web_config)
         return self._secure
 
     def serve(self) -> HTTPServer:

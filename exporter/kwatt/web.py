@@ -20,6 +20,7 @@ The server is built for hostile and overloaded clients rather than for features:
 from __future__ import annotations
 
 import collections
+import gzip
 import io
 import logging
 import os
@@ -33,10 +34,11 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from kwatt.fdlimit import raise_open_file_limit
@@ -688,8 +690,47 @@ class SharedRender:
         return started[0], started[1], body
 
 
-def build_app(registry: CollectorRegistry, healthy: Callable[[], tuple[bool, str]]) -> WSGIApp:
-    metrics_app = SharedRender(make_wsgi_app(registry))
+class CycleExposition(Protocol):
+    """What renders the sampler's published cycle once for every scrape of it."""
+
+    def exposition(self, openmetrics: bool, gzipped: bool) -> bytes: ...
+
+
+def cached_metrics_app(registry: CollectorRegistry, cycle: CycleExposition,
+                       live: CollectorRegistry) -> WSGIApp:
+    """/metrics from the published cycle's cached exposition followed by the families that
+    change on every scrape (``live``: process, Python, server), rendered then.
+
+    ``registry`` holds both and serves what the fast path does not cover: ``name[]``
+    filters and formats other than text and OpenMetrics 1.x. With gzip the two parts are
+    two gzip members, which gzip readers (Go's included) concatenate (RFC 1952, 2.2).
+    """
+    library = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        query = urllib.parse.parse_qs(str(environ.get("QUERY_STRING", "")))
+        encoder, content_type = choose_encoder(str(environ.get("HTTP_ACCEPT", "")))
+        openmetrics = content_type.startswith("application/openmetrics-text")
+        if "name[]" in query or (openmetrics and "version=1." not in content_type):
+            return library(environ, start_response)  # type: ignore[no-any-return]
+        gzipped = gzip_accepted(str(environ.get("HTTP_ACCEPT_ENCODING", "")))
+        head = cycle.exposition(openmetrics, gzipped)
+        tail = encoder(live)
+        headers = [("Content-Type", content_type)]
+        if gzipped:
+            tail = gzip.compress(tail, 6, mtime=0)
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        return [head, tail]
+
+    return app
+
+
+def build_app(registry: CollectorRegistry, healthy: Callable[[], tuple[bool, str]],
+              metrics: WSGIApp | None = None) -> WSGIApp:
+    """``metrics``: the /metrics app (cached_metrics_app); default: the registry as
+    prometheus_client renders it."""
+    metrics_app = SharedRender(metrics if metrics is not None else make_wsgi_app(registry))
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
