@@ -28,6 +28,14 @@ class WorkloadLabels:
     workload_kind: str
 
 
+def _series_order(item: tuple[WorkloadLabels, object]) -> tuple[str, ...]:
+    """WorkloadLabels' own order, as one tuple: a dataclass's __lt__ builds two tuples
+    per comparison, which was the largest single cost of a 330-container cycle."""
+    labels = item[0]
+    return (labels.namespace, labels.pod, labels.container, labels.workload,
+            labels.workload_kind)
+
+
 @dataclass
 class _Account:
     """One workload cgroup (ledger key): what it earned, and under which name."""
@@ -242,7 +250,7 @@ class EnergyLedger:
             if not account.present:
                 self._assign(account, "present", True)
             self._assign(account, "last_seen", now)
-            if name is not None:
+            if name is not None and account.labels != name:  # stored labels are clean
                 name = _clean_labels(name)
                 if account.labels != name:
                     self._rename(account, name)
@@ -355,7 +363,7 @@ class EnergyLedger:
             running += count
             cumulative.append((bound, running))
         rows = tuple(ContainerRow(labels, tuple(sorted(series.energy.items())))
-                     for labels, series in sorted(self._series.items(), key=lambda item: item[0])
+                     for labels, series in sorted(self._series.items(), key=_series_order)
                      if series.energy)
         return LedgerSnapshot(
             node_energy=tuple((c, s, j) for (c, s), j in sorted(self.node_energy.items())),
