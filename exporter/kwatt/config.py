@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from kwatt.ledger import METRIC_LEVELS
+
 DEFAULT_PORT = 9877
 DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
 DEFAULT_POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
@@ -87,6 +89,7 @@ class Config:
     pue: float = 1.0
     clock_ticks_per_second: int = 100
     state_file: str = ""  # restart state; empty: off
+    metrics_level: str = "container"  # one of kwatt.ledger.METRIC_LEVELS
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     once: bool = False
@@ -269,6 +272,10 @@ SETTINGS: tuple[Setting, ...] = (
             lambda k, v: v if isinstance(v, str) else _string(k, v),
             "file keeping the last counters across restarts, so a restart loses no energy; "
             "empty: off (default off)", "FILE"),
+    Setting("--metrics.level", "metrics.level", "metrics_level",
+            lambda k, v: _choice(k, v, METRIC_LEVELS),
+            "finest series: container (default), pod, workload or namespace; finer labels "
+            "are empty (docs/metrics.md, series per level)", "LEVEL"),
 )
 
 # Keys only the YAML file (or env) sets: nested and rarely changed.

@@ -105,7 +105,8 @@ class Sampler:
         self._namer = namer
         self._clock = clock
         self._include_host_units = include_host_units
-        self.ledger = EnergyLedger(config.retention_seconds, config.max_retained_containers)
+        self.ledger = EnergyLedger(config.retention_seconds, config.max_retained_containers,
+                                   level=config.metrics_level)
         self._published = PublishedCycle(stages=(None,) * len(self._stages))
         self._faultlog = RateLimitedLog(log)
         self._rapl_counters = RaplCounters()
