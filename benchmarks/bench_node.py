@@ -54,8 +54,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kwatt.config import load_config
 from kwatt.exporter import Exporter
+from kwatt.ledger import METRIC_LEVELS, WorkloadLabels
+from kwatt.metrics import KwattCollector, StaticInfo
+from kwatt.sampler import Sampler
+from kwatt.workloads.cgroups import CgroupIdentity
 from measure import rss_mb
 from nvml_fake import FakeGpu, FakeNvml
+from prometheus_client import CollectorRegistry, generate_latest
 from simnode import SimulatedNode, container_id, pod_uid
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -99,6 +104,8 @@ class Node:
                                            "import time\nwhile True: time.sleep(0.0005)"])
         self.containers: list[str] = []
         self.pods: list[tuple[str, list[str]]] = []
+        # Kubernetes names for --metrics.level: 10 namespaces, 30 Deployments of ~4 pods.
+        self.labels: dict[tuple[str, str], WorkloadLabels] = {}
         self.serial = 0
         for _ in range(pods):
             self.add_pod()
@@ -112,7 +119,7 @@ class Node:
             else:
                 assert self.mover is not None
                 (self.real / path.lstrip("/") / "cgroup.procs").write_text(f"{self.mover.pid}\n")
-                time.sleep(0.0006)
+                time.sleep(0.003)  # several wakeups: every container accrues some CPU
 
     def _mkdir(self, path: str) -> None:
         assert self.real is not None
@@ -135,6 +142,13 @@ class Node:
                 path = f"{pod_path}/cri-containerd-{container_id(f'b-{self.serial}-{j}')}.scope"
                 self._mkdir(path)
                 paths.append(path)
+        namespace, workload = f"team-{self.serial % 10}", f"app-{self.serial % 30}"
+        pod_name = f"{workload}-{self.serial}"
+        self.labels[(uid, "")] = WorkloadLabels(namespace, pod_name, "POD", workload,
+                                                "Deployment")
+        for j in range(3):
+            self.labels[(uid, container_id(f"b-{self.serial}-{j}"))] = WorkloadLabels(
+                namespace, pod_name, ("main", "sidecar", "proxy")[j], workload, "Deployment")
         self.pods.append((pod_path, paths))
         self.containers.extend(paths)
 
@@ -184,6 +198,45 @@ class Node:
                               key=lambda p: len(p.parts), reverse=True):
                 sub.rmdir()
             self.real.rmdir()
+
+
+class BenchNamer:
+    """Names the benchmark's pods as the Kubernetes namer would."""
+
+    def __init__(self, node: Node) -> None:
+        self._labels = node.labels
+
+    def name(self, identity: CgroupIdentity) -> WorkloadLabels | None:
+        return self._labels.get((identity.pod_uid, identity.container_id))
+
+    def cpu_request(self, identity: CgroupIdentity) -> float:
+        return 0.0
+
+
+def series_per_level(node: Node) -> dict[str, tuple[int, int]]:
+    """Per --metrics.level: (kwatt_* series, of which kwatt_container_energy_joules_total)."""
+    out: dict[str, tuple[int, int]] = {}
+    rng = random.Random(3)
+    for level in METRIC_LEVELS:
+        config = load_config(["--path.sysfs", str(node.fixture.sysfs), "--path.procfs",
+                              str(node.fixture.procfs), "--kubernetes", "off", "--gpu", "off",
+                              "--node-name", "bench", "--metrics.level", level], env={})
+        now = [0.0]
+        sampler = Sampler(config, BenchNamer(node), clock=lambda now=now: now[0],
+                          include_host_units=False)
+        sampler.sample()
+        node.visit_all()
+        node.advance(rng, [], 5.0)
+        now[0] += 5.0
+        sampler.sample()
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(KwattCollector(sampler.snapshot, StaticInfo(
+            "bench", 5.0, None, None, "USD", 1.0)))
+        rows = [r for r in generate_latest(registry).decode().splitlines()
+                if r.startswith("kwatt_")]
+        out[level] = (len(rows), sum(1 for r in rows
+                                     if r.startswith("kwatt_container_energy_joules_total")))
+    return out
 
 
 def wsgi_scrape(app: Callable[..., Any]) -> tuple[float, bytes]:
@@ -364,6 +417,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         node = Node(Path(tmp) / "node", args.pods, real_base)
         try:
+            levels = series_per_level(node)
             inproc = in_process(node, args.cycles, args.rss_cycles)
             whole = whole_process(node, args.process_seconds)
             peer = node_exporter(node, 300)
@@ -404,6 +458,10 @@ def main() -> None:
               f"scrapes); RSS {peer['rss']:.1f} MB; "
               f"{(peer['per_scrape'] * 240):.2f} CPU-s/h at one 15 s scrape")
     print(f"tree walks during the RSS run: {inproc['walks']}")
+    print("kwatt_* series per --metrics.level (kwatt_container_energy_joules_total of them; "
+          "10 namespaces, 30 Deployments, 110 pods, no GPUs):")
+    for level, (total, containers) in levels.items():
+        print(f"  {level:<10} {total:5d} ({containers})")
     print("what dominates a cycle (top functions by own time, 100 cycles):")
     print(inproc["profile"])
 
