@@ -32,6 +32,7 @@ import cProfile
 import gc
 import gzip
 import io
+import logging
 import os
 import pstats
 import random
@@ -180,12 +181,16 @@ class Node:
         self.fixture.add_node_cpu(busy_seconds=seconds * 4, idle_seconds=seconds * 28)
         for zone in ("0", "1"):
             self.fixture.add_energy(zone, rng.uniform(100, 200) * seconds)
-        for zone in ("0:0", "1:0"):
+        for zone in ("0:0", "1:0"):  # core, inside the package
+            self.fixture.add_energy(zone, rng.uniform(50, 100) * seconds)
+        for zone in ("0:2", "1:2"):  # dram
             self.fixture.add_energy(zone, rng.uniform(10, 30) * seconds)
         # The GPU stage stamps its readings with the real clock: energy follows it.
         elapsed, self.gpu_clock = time.monotonic() - self.gpu_clock, time.monotonic()
         for gpu in gpus:
-            gpu.power_mw = rng.randint(100_000, 600_000)
+            # 100-300 W: well under the 1,400 W plausibility ceiling even when the stage's
+            # reading interval is shorter than the interval this energy was added over.
+            gpu.power_mw = rng.randint(100_000, 300_000)
             gpu.energy_mj += int(gpu.power_mw * elapsed)
             gpu.utilisation_percent = rng.randint(0, 100)
 
@@ -400,6 +405,19 @@ def node_exporter(node: Node, scrapes: int) -> dict[str, float] | None:
     return {"per_scrape": cpu / scrapes, "rss": rss}
 
 
+class FaultTally(logging.Handler):
+    """Counts the faults the sampler logs, so the figures say what they include."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        key = f"{getattr(record, 'source', '?')}/{getattr(record, 'reason', '?')}: " \
+              f"{getattr(record, 'detail', record.getMessage())[:80]}"
+        self.seen[key] = self.seen.get(key, 0) + 1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cycles", type=int, default=1000)
@@ -408,6 +426,11 @@ def main() -> None:
     parser.add_argument("--pods", type=int, default=110)
     parser.add_argument("--cgroups", choices=("real", "fixture"), default=None)
     args = parser.parse_args()
+    tally = FaultTally()
+    logging.getLogger("kwatt").addHandler(tally)
+    logging.getLogger("kwatt").propagate = False
+    # Stopped early: still remove the scratch cgroups and the helper process.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     real_base = None
     if args.cgroups != "fixture":
         real_base = next((Path(m) for m in V2_MOUNTS if (Path(m) / "cgroup.controllers")
@@ -462,6 +485,8 @@ def main() -> None:
           "10 namespaces, 30 Deployments, 110 pods, no GPUs):")
     for level, (total, containers) in levels.items():
         print(f"  {level:<10} {total:5d} ({containers})")
+    print(f"faults logged: {len(tally.seen)} distinct" + "".join(
+        f"\n  {key} (x{count})" for key, count in sorted(tally.seen.items())[:10]))
     print("what dominates a cycle (top functions by own time, 100 cycles):")
     print(inproc["profile"])
 

@@ -23,8 +23,9 @@ from kwatt.sampler import PublishedCycle
 
 StageRenderer = Callable[[object | None], Iterable[Metric]]
 
-# zlib level 6: a 170 KiB exposition compresses to ~10 % in about a third of level 9's time.
-GZIP_LEVEL = 6
+# zlib level 1: a 150 KiB exposition compresses to 14.6 KiB in 0.36 ms here, against
+# 12.8 KiB in 0.82 ms at level 6 (prometheus_client uses 9): the CPU matters more.
+GZIP_LEVEL = 1
 
 
 class CycleCollector(Collector):

@@ -50,42 +50,36 @@ class ExpositionRenderer:
     """
 
     def __init__(self) -> None:
-        self._prefixes: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
+        self._prefixes: dict[tuple[str, ...], str] = {}
         self._headers: dict[tuple[str, str, str, str, bool], str] = {}
 
     def render(self, metrics: Iterable[Metric], openmetrics: bool) -> bytes:
         prefixes = self._prefixes
-        current: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
         out: list[str] = []
+        rendered = 0
         for metric in metrics:
-            if not self._plain(metric, openmetrics):
+            if metric.type not in _TEXT_TYPES:
                 out.append(self._library(metric, openmetrics))
                 continue
-            out.append(self._header(metric, openmetrics))
-            for sample in metric.samples:
-                key = (sample.name, tuple(sample.labels.items()))
+            lines = [self._header(metric, openmetrics)]
+            add = lines.append
+            for name, labels, value, timestamp, exemplar, native in metric.samples:
+                if timestamp is not None or exemplar is not None or native is not None or (
+                        not openmetrics and name[len(metric.name):] in _OM_ONLY_SUFFIXES):
+                    lines = [self._library(metric, openmetrics)]
+                    break
+                # A family's label names are fixed, so its name and values identify a series.
+                key = (name, *labels.values())
                 prefix = prefixes.get(key)
                 if prefix is None:
-                    prefix = self._prefix(sample.name, sample.labels)
-                current[key] = prefix
-                out.append(prefix + _go_float(sample.value) + "\n")
-        self._prefixes = current  # series that went away take their prefixes with them
+                    prefix = prefixes[key] = self._prefix(name, labels)
+                value = float(value)
+                add(prefix + (repr(value) if -1e6 < value < 1e6 else _go_float(value)) + "\n")
+            rendered += len(lines)
+            out.extend(lines)
+        if len(prefixes) > 2 * rendered + 1024:  # series went away: drop their prefixes
+            prefixes.clear()
         return "".join(out).encode("utf-8")
-
-    @staticmethod
-    def _plain(metric: Metric, openmetrics: bool) -> bool:
-        """Whether every sample is a name, labels and a value (no timestamp, exemplar,
-        native histogram, or sample the text format moves elsewhere)."""
-        if metric.type not in _TEXT_TYPES:
-            return False
-        for sample in metric.samples:
-            if sample.timestamp is not None or sample.exemplar is not None \
-                    or sample.native_histogram is not None:
-                return False
-            if not openmetrics and sample.name.endswith(_OM_ONLY_SUFFIXES) and any(
-                    sample.name == metric.name + suffix for suffix in _OM_ONLY_SUFFIXES):
-                return False
-        return True
 
     @staticmethod
     def _library(metric: Metric, openmetrics: bool) -> str:

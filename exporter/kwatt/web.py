@@ -718,7 +718,7 @@ def cached_metrics_app(registry: CollectorRegistry, cycle: CycleExposition,
         tail = encoder(live)
         headers = [("Content-Type", content_type)]
         if gzipped:
-            tail = gzip.compress(tail, 6, mtime=0)
+            tail = gzip.compress(tail, 1, mtime=0)  # as the cached part (cycle_metrics)
             headers.append(("Content-Encoding", "gzip"))
         start_response("200 OK", headers)
         return [head, tail]
