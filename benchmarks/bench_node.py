@@ -316,8 +316,9 @@ def in_process(node: Node, cycles: int, rss_cycles: int) -> dict[str, Any]:
 
 
 def _reader(config: object) -> object:
+    """The exporter's cgroup reader (host mode: host units included)."""
     from kwatt.workloads import cgroups
-    return next(iter(cgroups._READERS.values()), None)
+    return next((r for (_, host), r in cgroups._READERS.items() if host), None)
 
 
 def scrape_loop(url: str, every: float, stop: threading.Event, headers: dict[str, str]) -> None:
@@ -471,8 +472,9 @@ def main() -> None:
           f"/proc/<pid>/stat, no GPUs); RSS {whole['rss0']:.1f} -> {whole['rss1']:.1f} MB")
     rss = inproc["rss"]
     last = max(rss)
-    print(f"RSS (this process)       {rss[0]:.1f} MB before, {rss.get(1000, float('nan')):.1f} "
-          f"at 1000, {rss[last]:.1f} at {last} cycles with churn (target <= 80, flat)")
+    print("RSS (this process)       " + ", ".join(
+        f"{value:.1f} MB at {cycles}" for cycles, value in sorted(rss.items()))
+          + f" cycles with churn (target <= 80, flat up to {last})")
     if peer is None:
         print("node_exporter            not installed (apt-get install prometheus-node-exporter)")
     else:

@@ -222,8 +222,8 @@ def _positive_duration(key: str, value: object) -> float:
     return parse_duration(key, value)
 
 
-# Shorter periods buy nothing and cost accuracy: a cycle reads every cgroup (11 ms of CPU
-# at 330 containers, benchmarks/bench_core.py; far more on a full node), so the sampler
+# Shorter periods buy nothing and cost accuracy: a cycle reads every cgroup (4 ms of CPU
+# at 330 containers, benchmarks/bench_node.py; far more on a full node), so the sampler
 # would fall behind and charge its own CPU to the node; RAPL counters move in ~1 ms steps
 # and the CPU-time shares they are split by are noisiest over the shortest windows.
 MIN_INTERVAL_SECONDS = 0.1
