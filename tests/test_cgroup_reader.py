@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -182,6 +183,8 @@ def test_exporter_raises_the_open_files_soft_limit_to_the_hard_one(tmp_path: Pat
     from exporter_process import ExporterProcess
     from simnode import SimulatedNode
 
+    if shutil.which("prlimit") is None:
+        pytest.skip("needs util-linux prlimit")
     node = SimulatedNode(tmp_path / "node")
     exporter = ExporterProcess(node, wrapper=("prlimit", "--nofile=1024:4096", "--"))
     try:
