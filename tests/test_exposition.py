@@ -160,3 +160,22 @@ def test_openmetrics_negotiation_and_validity(
     check = subprocess.run([promtool, "check", "metrics"], input=plain, capture_output=True,
                            timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_every_registered_collector_is_served(
+        exporter: tuple[Exporter, SimulatedNode, int]) -> None:
+    """A collector registered besides the cycle's (another helper's, say) is on /metrics."""
+    exp, _, port = exporter
+
+    class Extra(Collector):
+        def collect(self) -> Iterable[Metric]:
+            family = GaugeMetricFamily("kwatt_extra_thing", "a later family", labels=("node",))
+            family.add_metric(("t",), 7.0)
+            yield family
+
+    exp.registry.register(Extra())
+    for headers in ({}, {"Accept": OM_ACCEPT}, {"Accept-Encoding": "gzip"}):
+        got, body = _get(port, headers)
+        text = gzip.decompress(body) if got.get("Content-Encoding") == "gzip" else body
+        assert text.count(b'kwatt_extra_thing{node="t"} 7.0') == 1
+        assert text.count(b"# HELP kwatt_node_energy_joules") == 1

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterable
 
@@ -50,13 +51,34 @@ WATCH_STOP_JOIN_SECONDS = 0.5
 
 
 class _Swappable(Collector):
-    """Delegates to a collector that a reload may replace in one assignment."""
+    """Delegates to a collector that a reload may replace in one assignment.
 
-    def __init__(self, inner: Collector) -> None:
+    ``everything_else`` is the registry without this collector: the families that change
+    on every scrape (process, Python, HTTP server, Kubernetes watch, and any collector
+    registered later), rendered per scrape after the cycle's cached exposition."""
+
+    def __init__(self, inner: Collector, registry: CollectorRegistry) -> None:
         self.inner = inner
+        self._registry = registry
+        self._skipping = threading.local()  # set while everything_else renders
 
     def collect(self) -> Iterable[Metric]:
+        if getattr(self._skipping, "on", False):
+            return []
         return self.inner.collect()
+
+    def everything_else(self) -> Collector:
+        swappable = self
+
+        class _Rest(Collector):
+            def collect(self) -> Iterable[Metric]:
+                swappable._skipping.on = True
+                try:
+                    return list(swappable._registry.collect())
+                finally:
+                    swappable._skipping.on = False
+
+        return _Rest()
 
     def exposition(self, openmetrics: bool, gzipped: bool) -> bytes:
         inner = self.inner
@@ -116,22 +138,15 @@ class Exporter:
         # same published cycle as the node's.
         self._stage_renderers: dict[int, StageRenderer] = {0: gpu[1]} if gpu else {}
         self._kwatt_collector = _Swappable(CycleCollector(
-            self._scraped_cycle, _static_info(config), self._stage_renderers))
+            self._scraped_cycle, _static_info(config), self._stage_renderers), self.registry)
         self.registry.register(self._kwatt_collector)
-        # What changes on every scrape, rendered then; the cycle's families are rendered
-        # once per cycle (cached_metrics_app).
-        self.live_registry = CollectorRegistry(auto_describe=False)
-        live: list[Collector] = [ServerCollector(
+        self.registry.register(ServerCollector(
             lambda: self.server.stats if self.server is not None else None,
-            config.node_name)]
+            config.node_name))
         if self.kube is not None:
-            live.append(self.kube.collector)
-        for collector in live:
-            self.registry.register(collector)
-            self.live_registry.register(collector)
-        for registry in (self.registry, self.live_registry):
-            ProcessCollector(registry=registry)
-            GCCollector(registry=registry)
+            self.registry.register(self.kube.collector)
+        ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self._started = time.monotonic()
 
     def _scraped_cycle(self) -> PublishedCycle:
@@ -163,7 +178,8 @@ class Exporter:
         if self._secure is None:
             self._secure = secure_app(build_app(
                 self.registry, self.healthy, cached_metrics_app(
-                    self.registry, self._kwatt_collector, self.live_registry)), self.web_config)
+                    self.registry, self._kwatt_collector,
+                    self._kwatt_collector.everything_else())), self.web_config)
         return self._secure
 
     def serve(self) -> HTTPServer:

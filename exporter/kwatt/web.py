@@ -697,7 +697,7 @@ class CycleExposition(Protocol):
 
 
 def cached_metrics_app(registry: CollectorRegistry, cycle: CycleExposition,
-                       live: CollectorRegistry) -> WSGIApp:
+                       live: Collector) -> WSGIApp:
     """/metrics from the published cycle's cached exposition followed by the families that
     change on every scrape (``live``: process, Python, server), rendered then.
 
