@@ -73,3 +73,20 @@ def test_dashboards_cli_renders_another_currency(tmp_path: Path) -> None:
     bad = run_generate("dashboards", "--currency", "euro", "--output-dir", str(tmp_path))
     assert bad.returncode == 2
     assert "3-letter ISO code" in bad.stderr
+
+
+def test_panels_that_break_down_below_namespace_say_what_coarser_levels_show() -> None:
+    """--metrics.level: a panel grouped by container, pod or workload names the level."""
+    import json
+
+    from conftest import REPO
+
+    for name, title in (("kwatt-node", "Top containers on the node"),
+                        ("kwatt-namespace", "Power by pod"),
+                        ("kwatt-namespace", "Power by workload")):
+        model = json.loads((REPO / "dashboards" / "grafana" / f"{name}.json").read_text())
+        (panel,) = [p for p in model["panels"] if p.get("title") == title]
+        assert "--metrics.level" in panel["description"], (name, title)
+    model = json.loads((REPO / "dashboards" / "grafana" / "kwatt-cluster.json").read_text())
+    plain = [p for p in model["panels"] if p.get("title") == "Power by namespace"]
+    assert plain and all("--metrics.level" not in p["description"] for p in plain)

@@ -9,6 +9,7 @@ a description and a unit; links point at shipped dashboards by uid.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from grafana_foundation_sdk.builders import (
@@ -118,12 +119,42 @@ def target(expr: str, legend: str = "", instant: bool = False,
 
 PanelBuilder = timeseries.Panel | stat.Panel | bargauge.Panel | piechart.Panel | table.Panel
 
+# --metrics.level (docs/metrics.md): below the level the exporter leaves labels empty, so a
+# panel that breaks energy down by a finer label shows one row per coarser group there.
+_BY = re.compile(r"\bby \(([^)]*)\)")
+_FAMILIES_WITH_LEVELS = ("kwatt_container_energy_joules_total",
+                         "kwatt_workload_energy_joules_total", "pod:kwatt_", "workload:kwatt_")
+LEVEL_NOTES = (
+    ("container", "Per container at --metrics.level container (the default); at pod, "
+                  "workload or namespace level, one row per pod, workload or namespace."),
+    ("pod", "Per pod at --metrics.level container or pod; at workload or namespace level, "
+            "one row per workload or namespace."),
+    ("workload", "Per workload at --metrics.level container, pod or workload; at namespace "
+                 "level, one row per namespace."),
+)
+
+
+def level_note(exprs: Sequence[str]) -> str:
+    """What a panel shows at coarser --metrics.level settings, or "" when nothing changes."""
+    grouped: set[str] = set()
+    for expr in exprs:
+        if any(family in expr for family in _FAMILIES_WITH_LEVELS):
+            for match in _BY.finditer(expr):
+                grouped |= {label.strip() for label in match.group(1).split(",")}
+    for label, note in LEVEL_NOTES:
+        if label in grouped:
+            return note
+    return ""
+
 
 def _common(panel: PanelBuilder, title: str, description: str, unit: str,
             targets: Sequence[prometheus.Dataquery], links: Sequence[DashboardLink],
             height: int, width: int) -> Builder[dm.Panel]:
     for index, query in enumerate(targets):
         query.ref_id(chr(ord("A") + index))
+    note = level_note([query.build().expr or "" for query in targets])
+    if note:
+        description = f"{description} {note}"
     panel = (panel.title(title).description(description).unit(unit)
              .datasource(DS).targets(list(targets)).height(height).span(width))
     if links:

@@ -53,7 +53,9 @@ def build(currency_unit: str) -> dashboard.Dashboard:
     cost = f"pod:kwatt_cost_per_second:rate5m{sel(NS, WL, POD)}"
     return (
         new_dashboard(UID_WORKLOAD, "One workload or pod: power by container and component, "
-                      "energy, carbon, cost and GPU share.", variables)
+                      "energy, carbon, cost and GPU share. Selecting a workload needs "
+                      "--metrics.level workload or finer, a pod pod or finer; at coarser "
+                      "levels the selectors offer All only.", variables)
         .with_row(row("Totals"))
         .with_panel(single(
             "Power now", "Power of the selected pods now.", "watt",

@@ -13,6 +13,7 @@ from types import FrameType
 from kwatt import __version__
 from kwatt.config import ConfigError, load_config
 from kwatt.exporter import Exporter
+from kwatt.fdlimit import raise_open_file_limit
 from kwatt.gpu_stage import GpuUnavailable
 from kwatt.logs import configure_logging
 from kwatt.once import run_once
@@ -42,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kwatt-exporter: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_format)
+    raise_open_file_limit()  # held cgroup files and connections share the descriptors
 
     try:
         exporter = Exporter(config, web_config, ssl_context)

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from kwatt.ledger import MAX_WORKLOADS, WORKLOAD_RETENTION_SECONDS
+from kwatt.ledger import MAX_WORKLOADS, METRIC_LEVELS, WORKLOAD_RETENTION_SECONDS
 from kwatt.workloads.owners import DEFAULT_OWNER_LOOKUPS
 
 DEFAULT_PORT = 9877
@@ -158,6 +158,7 @@ class Config:
     otlp_endpoint: str = ""  # OTLP/HTTP metrics URL; empty: no push
     otlp_interval_seconds: float = 60.0
     gpu_dra: str = "on"  # read ResourceSlices for DRA-allocated GPUs
+    metrics_level: str = "container"  # one of kwatt.ledger.METRIC_LEVELS
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     carbon_source: SignalConfig = field(default_factory=SignalConfig)
@@ -355,8 +356,8 @@ def _redfish_interval(key: str, value: object) -> float:
     return seconds
 
 
-# Shorter periods buy nothing and cost accuracy: a cycle reads every cgroup (11 ms of CPU
-# at 330 containers, benchmarks/bench_core.py; far more on a full node), so the sampler
+# Shorter periods buy nothing and cost accuracy: a cycle reads every cgroup (4 ms of CPU
+# at 330 containers, benchmarks/bench_node.py; far more on a full node), so the sampler
 # would fall behind and charge its own CPU to the node; RAPL counters move in ~1 ms steps
 # and the CPU-time shares they are split by are noisiest over the shortest windows.
 MIN_INTERVAL_SECONDS = 0.1
@@ -513,6 +514,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--gpu.dcgm-exporter-timeout", "gpu.dcgm_exporter_timeout",
             "gpu_dcgm_exporter_timeout_seconds", _positive_duration,
             "per-request timeout for dcgm-exporter (default 2s)", "DURATION"),
+    Setting("--metrics.level", "metrics.level", "metrics_level",
+            lambda k, v: _choice(k, v, METRIC_LEVELS),
+            "finest series: container (default), pod, workload or namespace; finer labels "
+            "are empty (docs/metrics.md, series per level)", "LEVEL"),
 )
 
 # Keys only the YAML file (or env) sets: nested and rarely changed.

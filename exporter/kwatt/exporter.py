@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterable
 
@@ -46,6 +47,7 @@ from kwatt.web import (
     ServerCollector,
     ServerLimits,
     build_app,
+    cached_metrics_app,
     start_server,
 )
 from kwatt.webconfig import SecureApp, WebConfig, secure_app
@@ -68,13 +70,39 @@ SIGNAL_STOP_JOIN_SECONDS = 0.2  # a poller waits on an event; only a stuck fetch
 
 
 class _Swappable(Collector):
-    """Delegates to a collector that a reload may replace in one assignment."""
+    """Delegates to a collector that a reload may replace in one assignment.
 
-    def __init__(self, inner: Collector) -> None:
+    ``everything_else`` is the registry without this collector: the families that change
+    on every scrape (process, Python, HTTP server, Kubernetes watch, and any collector
+    registered later), rendered per scrape after the cycle's cached exposition."""
+
+    def __init__(self, inner: Collector, registry: CollectorRegistry) -> None:
         self.inner = inner
+        self._registry = registry
+        self._skipping = threading.local()  # set while everything_else renders
 
     def collect(self) -> Iterable[Metric]:
+        if getattr(self._skipping, "on", False):
+            return []
         return self.inner.collect()
+
+    def everything_else(self) -> Collector:
+        swappable = self
+
+        class _Rest(Collector):
+            def collect(self) -> Iterable[Metric]:
+                swappable._skipping.on = True
+                try:
+                    return list(swappable._registry.collect())
+                finally:
+                    swappable._skipping.on = False
+
+        return _Rest()
+
+    def exposition(self, openmetrics: bool, gzipped: bool) -> bytes:
+        inner = self.inner
+        assert isinstance(inner, CycleCollector)
+        return inner.exposition(openmetrics, gzipped)
 
 
 def _static_info(config: Config) -> StaticInfo:
@@ -216,7 +244,7 @@ class Exporter:
         self._stage_renderers: dict[int, StageRenderer] = {0: gpu[1]} if gpu else {}
         self._stage_renderers.update(signal_renderers)
         self._kwatt_collector = _Swappable(CycleCollector(
-            self._scraped_cycle, _static_info(config), self._stage_renderers))
+            self._scraped_cycle, _static_info(config), self._stage_renderers), self.registry)
         self.registry.register(self._kwatt_collector)
         self.registry.register(ServerCollector(
             lambda: self.server.stats if self.server is not None else None,
@@ -277,7 +305,10 @@ class Exporter:
 
     def app(self) -> SecureApp:
         if self._secure is None:
-            self._secure = secure_app(build_app(self.registry, self.healthy), self.web_config)
+            self._secure = secure_app(build_app(
+                self.registry, self.healthy, cached_metrics_app(
+                    self.registry, self._kwatt_collector,
+                    self._kwatt_collector.everything_else())), self.web_config)
         return self._secure
 
     def serve(self) -> HTTPServer:

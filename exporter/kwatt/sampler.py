@@ -123,7 +123,8 @@ class Sampler:
         self._clock = clock
         self._include_host_units = include_host_units
         self.ledger = EnergyLedger(config.retention_seconds, config.max_retained_containers,
-                                   config.workload_retention_seconds, config.max_workloads)
+                                   config.workload_retention_seconds, config.max_workloads,
+                                   level=config.metrics_level)
         self._published = PublishedCycle(stages=(None,) * len(self._stages))
         self._faultlog = RateLimitedLog(log)
         self._cgroup_layout: CgroupLayout | None = None

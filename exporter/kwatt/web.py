@@ -20,11 +20,11 @@ The server is built for hostile and overloaded clients rather than for features:
 from __future__ import annotations
 
 import collections
+import gzip
 import io
 import logging
 import os
 import queue
-import resource
 import selectors
 import socket
 import ssl
@@ -34,12 +34,14 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from kwatt.fdlimit import raise_open_file_limit
 from kwatt.logs import RateLimitedLog
 
 StartResponse = Callable[..., Any]
@@ -152,20 +154,6 @@ def _status_only(status: str) -> bytes:
     body = status.split(" ", 1)[1].encode() + b"\n"
     return (f"HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
-
-
-def raise_open_file_limit(wanted: int) -> None:
-    """Lift the soft RLIMIT_NOFILE towards the hard one so the connection cap, not the
-    default soft limit of 1024, decides how many clients fit (as Go does at start)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= wanted:
-        return
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if target > soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):
-            pass
 
 
 class HTTPServer:
@@ -702,8 +690,47 @@ class SharedRender:
         return started[0], started[1], body
 
 
-def build_app(registry: CollectorRegistry, healthy: Callable[[], tuple[bool, str]]) -> WSGIApp:
-    metrics_app = SharedRender(make_wsgi_app(registry))
+class CycleExposition(Protocol):
+    """What renders the sampler's published cycle once for every scrape of it."""
+
+    def exposition(self, openmetrics: bool, gzipped: bool) -> bytes: ...
+
+
+def cached_metrics_app(registry: CollectorRegistry, cycle: CycleExposition,
+                       live: Collector) -> WSGIApp:
+    """/metrics from the published cycle's cached exposition followed by the families that
+    change on every scrape (``live``: process, Python, server), rendered then.
+
+    ``registry`` holds both and serves what the fast path does not cover: ``name[]``
+    filters and formats other than text and OpenMetrics 1.x. With gzip the two parts are
+    two gzip members, which gzip readers (Go's included) concatenate (RFC 1952, 2.2).
+    """
+    library = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        query = urllib.parse.parse_qs(str(environ.get("QUERY_STRING", "")))
+        encoder, content_type = choose_encoder(str(environ.get("HTTP_ACCEPT", "")))
+        openmetrics = content_type.startswith("application/openmetrics-text")
+        if "name[]" in query or (openmetrics and "version=1." not in content_type):
+            return library(environ, start_response)  # type: ignore[no-any-return]
+        gzipped = gzip_accepted(str(environ.get("HTTP_ACCEPT_ENCODING", "")))
+        head = cycle.exposition(openmetrics, gzipped)
+        tail = encoder(live)
+        headers = [("Content-Type", content_type)]
+        if gzipped:
+            tail = gzip.compress(tail, 1, mtime=0)  # as the cached part (cycle_metrics)
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        return [head, tail]
+
+    return app
+
+
+def build_app(registry: CollectorRegistry, healthy: Callable[[], tuple[bool, str]],
+              metrics: WSGIApp | None = None) -> WSGIApp:
+    """``metrics``: the /metrics app (cached_metrics_app); default: the registry as
+    prometheus_client renders it."""
+    metrics_app = SharedRender(metrics if metrics is not None else make_wsgi_app(registry))
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")

@@ -16,12 +16,21 @@ pod only what its containers did not use (the sandbox, conmon, exited containers
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import re
+import resource
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kwatt.faults import Fault, reason_for_oserror
 from kwatt.text import clean_text
+
+log = logging.getLogger("kwatt.cgroups")
 
 SOURCE = "cgroup"
 _MAX_DEPTH = 24
@@ -159,35 +168,53 @@ def identify_cgroup_path(path: str) -> CgroupIdentity | None:
     return identity
 
 
-def _read_usage_seconds(directory: str, version: int) -> float:
-    """Cumulative CPU seconds of one cgroup. Raises OSError or ValueError."""
+def _parse_usage_seconds(data: bytes, version: int) -> float:
+    """Cumulative CPU seconds from the text of cpu.stat (v2) or cpuacct.usage (v1).
+
+    Raises ValueError."""
     if version == 2:
-        with open(os.path.join(directory, "cpu.stat"), "rb") as handle:
-            data = handle.read(4096)
-        for line in data.splitlines():
-            if line.startswith(b"usage_usec "):
-                value = int(line[len(b"usage_usec "):])
-                break
+        if data.startswith(b"usage_usec "):
+            at = 0
         else:
-            raise ValueError("no usage_usec line in cpu.stat")
+            at = data.find(b"\nusage_usec ")
+            if at < 0:
+                raise ValueError("no usage_usec line in cpu.stat")
+            at += 1
+        end = data.find(b"\n", at)
+        value = int(data[at + len(b"usage_usec "):end if end >= 0 else None])
         if value < 0:
             raise ValueError(f"negative usage_usec {value}")
         return value / 1e6
-    with open(os.path.join(directory, "cpuacct.usage"), "rb") as handle:
-        ns = int(handle.read(64))
+    ns = int(data)
     if ns < 0:
         raise ValueError(f"negative cpuacct.usage {ns}")
     return ns / 1e9
 
 
-def scan_cgroups(layout: CgroupLayout, *, include_host_units: bool) -> CgroupScan:
-    """Walk the hierarchy and read the CPU time of every workload cgroup.
+def _counter_file(directory: str, version: int) -> str:
+    return os.path.join(directory, "cpu.stat" if version == 2 else "cpuacct.usage")
 
-    ``include_host_units``: also report systemd services, Docker and Podman containers
-    (host mode). In Kubernetes mode those are left to the node's ``system`` share.
-    A cgroup removed while it is being read is normal churn and is skipped quietly.
-    """
-    results: list[CgroupUsage] = []
+
+def _read_usage_seconds(directory: str, version: int) -> float:
+    """Cumulative CPU seconds of one cgroup. Raises OSError or ValueError."""
+    with open(_counter_file(directory, version), "rb") as handle:
+        return _parse_usage_seconds(handle.read(4096), version)
+
+
+@dataclass(frozen=True)
+class _Found:
+    """A workload cgroup found by a walk of the hierarchy."""
+
+    path: str
+    identity: CgroupIdentity
+    parent: str | None
+    directory: str
+
+
+def _walk(layout: CgroupLayout, include_host_units: bool
+          ) -> tuple[list[_Found], list[Fault]]:
+    """Every workload cgroup of the hierarchy, in a stable order, without reading it."""
+    found: list[_Found] = []
     faults: list[Fault] = []
     # (directory, path components, in_kubepods, qos, pod uid, nearest workload path)
     stack: list[tuple[str, list[str], bool, str, str, str | None]] = [
@@ -212,20 +239,7 @@ def scan_cgroups(layout: CgroupLayout, *, include_host_units: bool) -> CgroupSca
             child_parent = parent
             if identity is not None and (child_kubepods or include_host_units):
                 path = "/" + "/".join(child)
-                try:
-                    usage = _read_usage_seconds(child_dir, layout.version)
-                except FileNotFoundError:
-                    continue
-                except OSError as exc:
-                    if exc.errno == 19:  # ENODEV: cgroup being removed
-                        continue
-                    faults.append(Fault(SOURCE, reason_for_oserror(exc), clean_text(path),
-                                        exc.strerror or str(exc)))
-                    continue
-                except ValueError as exc:
-                    faults.append(Fault(SOURCE, "parse", clean_text(path), str(exc)))
-                    continue
-                results.append(CgroupUsage(path, identity, parent, usage))
+                found.append(_Found(path, identity, parent, child_dir))
                 if identity.kind in ("container", "docker", "podman"):
                     continue  # a container's inner cgroups are its own business
                 child_parent = path
@@ -236,4 +250,234 @@ def scan_cgroups(layout: CgroupLayout, *, include_host_units: bool) -> CgroupSca
                     else child_qos
                 stack.append((child_dir, child, child_kubepods, child_qos, child_pod,
                               child_parent))
-    return CgroupScan(tuple(results), tuple(faults))
+    return found, faults
+
+
+# errnos of a read from a cgroup that is gone: kernfs answers ENODEV on a descriptor of a
+# removed cgroup's file (verified by tests/test_cgroup_reader.py on the real cgroupfs).
+_GONE = (errno.ENOENT, errno.ENODEV, errno.ESTALE)
+
+
+_SPARE_DESCRIPTORS = 8  # given back when an open for holding fails with EMFILE
+
+
+class _Removed(Exception):
+    """A held cgroup file belongs to a cgroup that was removed: the tree changed."""
+
+
+class CgroupReader:
+    """Reads the CPU time of every workload cgroup, holding the counter files open.
+
+    On cgroup v2 each cycle ``pread``s the held ``cpu.stat`` descriptors at offset 0 (kernfs
+    regenerates the text on every read, so a held descriptor sees fresh values) and walks
+    the tree again only when it may have changed:
+
+    - the hierarchy root's ``cgroup.stat`` ``nr_descendants`` differs (a cgroup was
+      created or removed anywhere below; directory mtimes cannot say it: kernfs does not
+      update them on mkdir/rmdir, checked on this kernel);
+    - a held descriptor answers ENODEV (its cgroup was removed; this also catches a
+      removal and a creation in the same interval, which leave the count unchanged);
+    - ``full_rescan_seconds`` passed since the last walk (a renamed cgroup keeps both the
+      count and its descriptors; kubelet and runtimes never rename, so this is a backstop).
+
+    Without ``nr_descendants`` (cgroup v1, fixture trees) nothing says the tree is
+    unchanged, so every cycle walks it and reads each file by open/read, as before.
+
+    Held descriptors count against RLIMIT_NOFILE: at most ``soft limit - reserve`` are held;
+    the rest, and any whose open fails with EMFILE/ENFILE, are read by open/read/close.
+    """
+
+    def __init__(self, layout: CgroupLayout, *, include_host_units: bool,
+                 full_rescan_seconds: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic,
+                 reserve_descriptors: int = 512) -> None:
+        self._layout = layout
+        self._include_host_units = include_host_units
+        self._full_rescan_seconds = full_rescan_seconds
+        self._clock = clock
+        self._reserve = reserve_descriptors
+        self._found: list[_Found] = []
+        self._fds: list[int] = []  # parallel to _found; -1: not held, read by open/read
+        self._descendants: bytes | None = None
+        self._stat_fd = -1
+        self._walked_at: float | None = None
+        self._short_logged = False
+        self.walks = 0  # full walks of the tree, for tests and the benchmark
+        self.unheld = 0  # cgroups read by open/read in the last cycle although held reading was on
+        self.descriptor_shortfalls = 0  # times an open for holding failed with EMFILE/ENFILE
+
+    @property
+    def held(self) -> int:
+        return sum(1 for fd in self._fds if fd >= 0)
+
+    def close(self) -> None:
+        self._release()
+        if self._stat_fd >= 0:
+            os.close(self._stat_fd)
+            self._stat_fd = -1
+
+    def _release(self) -> None:
+        for fd in self._fds:
+            if fd >= 0:
+                os.close(fd)
+        self._fds = []
+        self._found = []
+
+    def _nr_descendants(self) -> bytes | None:
+        """The root's descendant count as raw text, or None where the kernel has none."""
+        if self._layout.version != 2:
+            return None
+        try:
+            if self._stat_fd < 0:
+                self._stat_fd = os.open(os.path.join(self._layout.root, "cgroup.stat"),
+                                        os.O_RDONLY | os.O_CLOEXEC)
+            data = os.pread(self._stat_fd, 4096, 0)
+        except OSError:
+            return None
+        at = data.find(b"nr_descendants ")
+        if at != 0:
+            return None
+        return data[:data.find(b"\n")]
+
+    def scan(self) -> CgroupScan:
+        descendants = self._nr_descendants()
+        now = self._clock()
+        if (descendants is None or descendants != self._descendants
+                or self._walked_at is None
+                or now - self._walked_at >= self._full_rescan_seconds):
+            return self._rescan(descendants, now)
+        try:
+            return self._read_held()
+        except _Removed:
+            return self._rescan(self._nr_descendants(), now)
+
+    def _read_held(self) -> CgroupScan:
+        version = self._layout.version
+        results: list[CgroupUsage] = []
+        faults: list[Fault] = []
+        for found, fd in zip(self._found, self._fds, strict=True):
+            try:
+                if fd >= 0:
+                    usage = _parse_usage_seconds(os.pread(fd, 4096, 0), version)
+                else:
+                    usage = _read_usage_seconds(found.directory, version)
+            except OSError as exc:
+                if exc.errno in _GONE:
+                    raise _Removed from exc
+                faults.append(Fault(SOURCE, reason_for_oserror(exc), clean_text(found.path),
+                                    exc.strerror or str(exc)))
+                continue
+            except ValueError as exc:
+                faults.append(Fault(SOURCE, "parse", clean_text(found.path), str(exc)))
+                continue
+            results.append(CgroupUsage(found.path, found.identity, found.parent, usage))
+        return CgroupScan(tuple(results), tuple(faults))
+
+    def _rescan(self, descendants: bytes | None, now: float) -> CgroupScan:
+        self._release()
+        self.walks += 1
+        found, faults = _walk(self._layout, self._include_host_units)
+        hold = descendants is not None
+        budget = _descriptor_budget(self._reserve) if hold else 0
+        results: list[CgroupUsage] = []
+        kept: list[_Found] = []
+        fds: list[int] = []
+        version = self._layout.version
+        self.unheld = 0
+        for item in found:
+            fd = -1
+            try:
+                if hold and len(fds) - fds.count(-1) < budget:
+                    fd = self._open_held(item)
+                    if fd < 0:
+                        # Out of descriptors: hold no more, and give back a few so that
+                        # open/read (and the HTTP server) still find some.
+                        budget = 0
+                        self._give_back(fds, _SPARE_DESCRIPTORS)
+                if fd >= 0:
+                    data = os.pread(fd, 4096, 0)
+                else:
+                    if hold:
+                        self.unheld += 1
+                    with open(_counter_file(item.directory, version), "rb") as handle:
+                        data = handle.read(4096)
+                usage = _parse_usage_seconds(data, version)
+            except OSError as exc:
+                if fd >= 0:
+                    os.close(fd)
+                if exc.errno in _GONE:
+                    continue  # removed while being read: normal churn, skipped quietly
+                faults.append(Fault(SOURCE, reason_for_oserror(exc), clean_text(item.path),
+                                    exc.strerror or str(exc)))
+                continue
+            except ValueError as exc:
+                if fd >= 0:
+                    os.close(fd)
+                faults.append(Fault(SOURCE, "parse", clean_text(item.path), str(exc)))
+                continue
+            kept.append(item)
+            fds.append(fd)
+            results.append(CgroupUsage(item.path, item.identity, item.parent, usage))
+        if self.unheld and not self._short_logged:
+            self._short_logged = True
+            log.warning("cannot hold every cgroup counter file open: reading the rest by "
+                        "open/read (slower, same values); raise the open-files limit",
+                        extra={"held": len(fds) - fds.count(-1), "unheld": self.unheld})
+        self._found, self._fds = kept, fds
+        self._descendants = descendants
+        self._walked_at = now
+        return CgroupScan(tuple(results), tuple(faults))
+
+    def _give_back(self, fds: list[int], count: int) -> None:
+        for at in range(len(fds) - 1, -1, -1):
+            if count == 0:
+                return
+            if fds[at] >= 0:
+                os.close(fds[at])
+                fds[at] = -1
+                self.unheld += 1
+                count -= 1
+
+    def _open_held(self, item: _Found) -> int:
+        try:
+            return os.open(_counter_file(item.directory, self._layout.version),
+                           os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self.descriptor_shortfalls += 1
+                return -1
+            raise
+
+
+def _descriptor_budget(reserve: int) -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(soft - reserve, 0)
+
+
+# One reader per hierarchy and mode, behind the call the sampler makes: it holds the
+# descriptors across cycles. Bounded, so that tests building many fixture trees do not
+# accumulate descriptors.
+_READERS: OrderedDict[tuple[CgroupLayout, bool], CgroupReader] = OrderedDict()
+_READERS_LOCK = threading.Lock()
+_MAX_READERS = 4
+
+
+def scan_cgroups(layout: CgroupLayout, *, include_host_units: bool) -> CgroupScan:
+    """The CPU time of every workload cgroup, read through the hierarchy's CgroupReader.
+
+    ``include_host_units``: also report systemd services, Docker and Podman containers
+    (host mode). In Kubernetes mode those are left to the node's ``system`` share.
+    A cgroup removed while it is being read is normal churn and is skipped quietly.
+    """
+    key = (layout, include_host_units)
+    with _READERS_LOCK:
+        reader = _READERS.pop(key, None)
+        if reader is None:
+            reader = CgroupReader(layout, include_host_units=include_host_units)
+        _READERS[key] = reader
+        while len(_READERS) > _MAX_READERS:
+            _, evicted = _READERS.popitem(last=False)
+            evicted.close()
+        return reader.scan()
