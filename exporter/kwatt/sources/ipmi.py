@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from kwatt.backoff import next_delay
 from kwatt.config import Config, ConfigError
 from kwatt.faults import Fault, reason_for_oserror
 from kwatt.logs import RateLimitedLog
@@ -35,7 +36,6 @@ SYSTEM_CEILING_WATTS = 30_000.0
 DCMI_MODE_SYSTEM_POWER = 1  # "system power statistics" (mode 2 is the enhanced one)
 MEASUREMENT_ACTIVE = 0x40  # reading_state bit 6
 BMC_IPMB_ADDRESS = 0x20
-MAX_BACKOFF_EXPONENT = 10
 MAX_PENDING_FAULTS = 256  # kept for the next latest(); bounded if nobody asks
 
 
@@ -131,14 +131,10 @@ class IpmiDcmiMeter:
         return self._failures
 
     def next_delay(self) -> float:
-        """The interval, or after ``n`` failures interval * 2**n (at most backoff_max)
-        scaled by a random 0.5-1.0."""
-        if self._failures == 0:
-            return self._settings.interval_seconds
-        backoff = min(self._settings.interval_seconds
-                      * float(2 ** min(self._failures, MAX_BACKOFF_EXPONENT)),
-                      self._settings.backoff_max_seconds)
-        return max(self._settings.interval_seconds, backoff * (0.5 + self._rng.random() / 2))
+        """Seconds until the next poll (kwatt.backoff: the interval, or backoff with
+        jitter after failures)."""
+        return next_delay(self._settings.interval_seconds, self._failures,
+                          self._settings.backoff_max_seconds, self._rng)
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from kwatt.backoff import next_delay
 from kwatt.config import Config
 from kwatt.counters import CounterLimits, ceiling_from_limits, checked_step
 from kwatt.faults import Fault, reason_for_oserror
@@ -59,7 +60,6 @@ _KWH_TO_MWH = 1_000_000
 MAX_REPLY_BYTES = 1024 * 1024
 # Faults kept for the next latest(); a consumer that stopped asking must not grow memory.
 MAX_PENDING_FAULTS = 256
-MAX_BACKOFF_EXPONENT = 10
 
 
 class RedfishError(Exception):
@@ -288,15 +288,10 @@ class RedfishMeter:
         return self._failures
 
     def next_delay(self) -> float:
-        """Seconds until the next poll: the interval, or after ``n`` failures in a row
-        interval * 2**n (at most backoff_max) scaled by a random 0.5-1.0, so that many
-        exporters that lost the same BMC network do not retry in step."""
-        if self._failures == 0:
-            return self._settings.interval_seconds
-        exponent = min(self._failures, MAX_BACKOFF_EXPONENT)
-        backoff = min(self._settings.interval_seconds * float(2 ** exponent),
-                      self._settings.backoff_max_seconds)
-        return max(self._settings.interval_seconds, backoff * (0.5 + self._rng.random() / 2))
+        """Seconds until the next poll (kwatt.backoff: the interval, or backoff with
+        jitter after failures)."""
+        return next_delay(self._settings.interval_seconds, self._failures,
+                          self._settings.backoff_max_seconds, self._rng)
 
     def _run(self) -> None:
         while not self._stop.is_set():
