@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +30,7 @@ import pytest
 import yaml
 from conftest import require_tool
 from dashboard_model import RULES_FILE, load_dashboards, panels
+from tsdb_prometheus import TsdbPrometheus
 
 pytestmark = pytest.mark.slow
 
@@ -201,55 +199,8 @@ def rule_levels() -> list[list[dict[str, Any]]]:
     return [by_level[k] for k in sorted(by_level)]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Prometheus:
-    def __init__(self, binary: str, tsdb: Path, root: Path, rule_file: Path | None) -> None:
-        config = root / "prometheus.yml"
-        config.write_text(yaml.safe_dump(
-            {"global": {}, "rule_files": [str(rule_file)] if rule_file else []}))
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(root / "prometheus.log", "a")
-        self.proc = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={tsdb}",
-             "--storage.tsdb.retention.time=30d", f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert self.proc.poll() is None and time.monotonic() < deadline, \
-                (root / "prometheus.log").read_text()[-2000:]
-            time.sleep(0.2)
-
-    def query(self, expr: str, at: float) -> list[dict[str, Any]]:
-        params = urllib.parse.urlencode({"query": expr, "time": f"{at:.3f}"})
-        with urllib.request.urlopen(f"{self.url}/api/v1/query?{params}", timeout=60) as r:
-            body = json.loads(r.read())
-        assert body["status"] == "success", body
-        return list(body["data"]["result"])
-
-    def value(self, expr: str, at: float) -> float:
-        (result,) = self.query(expr, at)
-        return float(result["value"][1])
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-        self.log.close()
-
-
 class Stack:
-    def __init__(self, prometheus: Prometheus, t0: float) -> None:
+    def __init__(self, prometheus: TsdbPrometheus, t0: float) -> None:
         self.prometheus = prometheus
         self.t0 = t0
         self.end = t0 + HOURS * HOUR
@@ -272,7 +223,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         rule_file = root / f"level-{index}.yaml"
         rule_file.write_text(yaml.safe_dump(
             {"groups": [{"name": f"level-{index}", "rules": rules}]}))
-        prometheus = Prometheus(binary, tsdb, root, None)
+        prometheus = TsdbPrometheus(binary, tsdb, root, None)
         try:
             done = subprocess.run(
                 [promtool, "tsdb", "create-blocks-from", "rules", "--quiet",
@@ -284,7 +235,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         finally:
             prometheus.stop()
     # Now with the rules loaded, as in production; they evaluate "now", far after the data.
-    prometheus = Prometheus(binary, tsdb, root, RULES_FILE)
+    prometheus = TsdbPrometheus(binary, tsdb, root, RULES_FILE)
     try:
         yield Stack(prometheus, t0)
     finally:
@@ -407,7 +358,7 @@ def test_report_prints_what_the_dashboards_show(stack: Stack) -> None:
 
 
 def test_report_says_when_rules_are_not_loaded(tmp_path: Path) -> None:
-    prometheus = Prometheus(require_tool("prometheus"), tmp_path / "tsdb", tmp_path, None)
+    prometheus = TsdbPrometheus(require_tool("prometheus"), tmp_path / "tsdb", tmp_path, None)
     try:
         done = subprocess.run(
             [sys.executable, "-m", "kwatt", "report", "--prometheus.url", prometheus.url],

@@ -11,13 +11,9 @@ workload rules do not use it (a new series' first sample is never counted by inc
 
 from __future__ import annotations
 
-import json
 import random
-import socket
 import subprocess
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +27,7 @@ from kwatt.metrics import KwattCollector, StaticInfo
 from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import generate_latest
 from prometheus_client.registry import Collector
+from tsdb_prometheus import TsdbPrometheus
 
 pytestmark = pytest.mark.slow
 
@@ -121,21 +118,6 @@ def simulate(out: Path, start: int) -> tuple[float, dict[float, float]]:
     return now, booked_at
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def query(url: str, expr: str, at: float) -> float:
-    params = urllib.parse.urlencode({"query": expr, "time": at})
-    with urllib.request.urlopen(f"{url}/api/v1/query?{params}", timeout=60) as response:
-        body = json.loads(response.read())
-    assert body["status"] == "success", body
-    (result,) = body["data"]["result"]
-    return float(result["value"][1])
-
-
 def test_a_day_of_short_lived_pods_is_recovered_by_increase(tmp_path: Path) -> None:
     promtool = require_tool("promtool")
     prometheus = require_tool("prometheus")
@@ -147,39 +129,18 @@ def test_a_day_of_short_lived_pods_is_recovered_by_increase(tmp_path: Path) -> N
     tsdb = tmp_path / "tsdb"
     subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", str(exposition),
                     str(tsdb)], check=True, capture_output=True, timeout=300)
-    config = tmp_path / "prometheus.yml"
-    config.write_text("global: {}\n")
-    port = free_port()
-    log = open(tmp_path / "prometheus.log", "w")
-    proc = subprocess.Popen(
-        [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tsdb}",
-         "--storage.tsdb.retention.time=30d", f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    prometheus_server = TsdbPrometheus(prometheus, tsdb, tmp_path, None)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, \
-                (tmp_path / "prometheus.log").read_text()[-2000:]
-            time.sleep(0.2)
         views = {
-            "workload": query(url, "sum(" + rule_expr(
+            "workload": prometheus_server.value("sum(" + rule_expr(
                 "workload:kwatt_energy_joules:increase1d") + ")", end),
-            "namespace": query(url, "sum(" + rule_expr(
+            "namespace": prometheus_server.value("sum(" + rule_expr(
                 "node_namespace:kwatt_energy_joules:increase1d") + ")", end),
-            "container": query(
-                url, "sum(increase(kwatt_container_energy_joules_total[1d]))", end),
+            "container": prometheus_server.value(
+                "sum(increase(kwatt_container_energy_joules_total[1d]))", end),
         }
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+        prometheus_server.stop()
     recovered = {view: value / booked for view, value in views.items()}
     print(f"booked {booked:.0f} J in {HOURS} h; recovered by increase() at a {SCRAPE_S} s "
           "scrape: " + ", ".join(f"{v} {100 * r:.3f}%" for v, r in recovered.items()))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import random
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from kwatt.workloads.podwatch import DEFAULT_WATCH_SETTINGS, ApiOwnerResolver
 from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import generate_latest
 from prometheus_client.registry import Collector
-from test_prometheus_backfill import free_port, query
+from tsdb_prometheus import TsdbPrometheus
 
 pytestmark = pytest.mark.slow
 
@@ -185,40 +184,19 @@ def test_a_training_runs_kwh_is_one_increase_over_one_series(tmp_path: Path) -> 
     tsdb = tmp_path / "tsdb"
     subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", str(exposition),
                     str(tsdb)], check=True, capture_output=True, timeout=300)
-    config = tmp_path / "prometheus.yml"
-    config.write_text("global: {}\n")
-    port = free_port()
-    log = open(tmp_path / "prometheus.log", "w")
-    proc = subprocess.Popen(
-        [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tsdb}",
-         "--storage.tsdb.retention.time=30d", f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     run_end = start + WARMUP_S + RUN_S
     window = f"{RUN_S + 600}s"  # the run, plus slack on both sides: the series is the run
     selector = f'{{workload="{RUN}",workload_kind="TrainJob"}}'
+    server = TsdbPrometheus(prometheus, tsdb, tmp_path, None)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, \
-                (tmp_path / "prometheus.log").read_text()[-2000:]
-            time.sleep(0.2)
         at = run_end + 300
-        series = query(url, f"count(kwatt_workload_energy_joules_total{selector})", at)
-        workload = query(url, "sum(increase(kwatt_workload_energy_joules_total"
-                         f"{selector}[{window}]))", at)
-        per_container = query(url, "sum(increase(kwatt_container_energy_joules_total"
-                              f"{selector}[{window}]))", at)
+        series = server.value(f"count(kwatt_workload_energy_joules_total{selector})", at)
+        workload = server.value("sum(increase(kwatt_workload_energy_joules_total"
+                                f"{selector}[{window}]))", at)
+        per_container = server.value("sum(increase(kwatt_container_energy_joules_total"
+                                     f"{selector}[{window}]))", at)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+        server.stop()
     print(f"run booked {booked / 3.6e6:.3f} kWh ({100 * booked_short / booked:.1f}% in "
           f"4-second pods); increase() over the workload counter "
           f"{workload / 3.6e6:.3f} kWh ({100 * workload / booked:.3f}%), over container "
