@@ -21,11 +21,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from kwatt.backoff import next_delay
 from kwatt.config import Config, ConfigError
 from kwatt.faults import Fault, reason_for_oserror
 from kwatt.logs import RateLimitedLog
 from kwatt.sources.meter import MeterSample
+from kwatt.sources.polling import PollingLoop
 
 SOURCE = "ipmi"
 SENSOR = "dcmi"
@@ -82,7 +82,7 @@ def _fault_for(exc: BaseException) -> tuple[str, str]:
     return "api", f"{name}: {exc}"
 
 
-class IpmiDcmiMeter:
+class IpmiDcmiMeter(PollingLoop):
     """A PlatformMeter (source ``ipmi``, sensor ``dcmi``): power only, no energy counter.
 
     ``connect`` opens the connection (python-ipmi's by default); it is reopened after a
@@ -96,55 +96,23 @@ class IpmiDcmiMeter:
                  clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None,
                  ratelimited: RateLimitedLog | None = None) -> None:
+        super().__init__("ipmi", settings.interval_seconds,
+                         settings.backoff_max_seconds, rng or random.Random(), log)
         self._settings = settings
         self._connect = connect or (lambda: open_ipmidev(settings))
         self._connection: DcmiConnection | None = None
         self._clock = clock
-        self._rng = rng or random.Random()
         self._ratelimited = ratelimited or RateLimitedLog(log)
         self._lock = threading.Lock()
         self._sample: MeterSample | None = None
         self._faults: list[Fault] = []
         self._generation = 0
-        self._failures = 0
         self._logged: set[str] = set()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def latest(self) -> tuple[Sequence[MeterSample], Sequence[Fault]]:
         with self._lock:
             faults, self._faults = self._faults, []
             return ([self._sample] if self._sample is not None else []), faults
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="kwatt-ipmi", daemon=True)
-            self._thread.start()
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=0.5)
-
-    @property
-    def consecutive_failures(self) -> int:
-        return self._failures
-
-    def next_delay(self) -> float:
-        """Seconds until the next poll (kwatt.backoff: the interval, or backoff with
-        jitter after failures)."""
-        return next_delay(self._settings.interval_seconds, self._failures,
-                          self._settings.backoff_max_seconds, self._rng)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.poll_once()
-            except Exception:  # a bug must not end the polling for the process' life
-                log.exception("IPMI poll failed unexpectedly")
-                self._failures += 1
-            if self._stop.wait(self.next_delay()):
-                return
 
     def poll_once(self) -> bool:
         fault = self._read()

@@ -36,12 +36,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from kwatt.backoff import next_delay
 from kwatt.config import Config
 from kwatt.counters import CounterLimits, ceiling_from_limits, checked_step
 from kwatt.faults import Fault, reason_for_oserror
 from kwatt.logs import RateLimitedLog
 from kwatt.sources.meter import MeterSample
+from kwatt.sources.polling import PollingLoop
 
 SOURCE = "redfish"
 log = logging.getLogger("kwatt.redfish")
@@ -230,7 +230,7 @@ def _member_paths(collection: dict[str, Any]) -> list[str]:
     return paths
 
 
-class RedfishMeter:
+class RedfishMeter(PollingLoop):
     """A PlatformMeter (source ``redfish``) reading one BMC.
 
     ``poll_once`` does one poll on the calling thread; ``start`` runs it on a daemon
@@ -244,20 +244,18 @@ class RedfishMeter:
                  clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None,
                  ratelimited: RateLimitedLog | None = None) -> None:
+        super().__init__("redfish", settings.interval_seconds,
+                         settings.backoff_max_seconds, rng or random.Random(), log)
         self._settings = settings
         self._client = client or RedfishClient(settings)
         self._clock = clock
-        self._rng = rng or random.Random()
         self._ratelimited = ratelimited or RateLimitedLog(log)
         self._chassis: dict[str, _Chassis] | None = None  # None: discover at next poll
         self._known_chassis: dict[str, _Chassis] = {}
         self._lock = threading.Lock()
         self._samples: dict[str, MeterSample] = {}
         self._faults: list[Fault] = []
-        self._failures = 0
         self._ratelimited_keys: set[str] = set()  # conditions logged since the last success
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         if settings.insecure_skip_verify:
             log.warning("Redfish TLS verification is OFF: the BMC's identity is not checked "
                         "and its credentials can be taken by anyone on the path",
@@ -269,41 +267,6 @@ class RedfishMeter:
         with self._lock:
             faults, self._faults = self._faults, []
             return list(self._samples.values()), faults
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="kwatt-redfish",
-                                            daemon=True)
-            self._thread.start()
-
-    def close(self) -> None:
-        self._stop.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            # A request in flight ends within its timeout; do not hold shutdown for it.
-            thread.join(timeout=0.5)
-
-    @property
-    def consecutive_failures(self) -> int:
-        return self._failures
-
-    def next_delay(self) -> float:
-        """Seconds until the next poll (kwatt.backoff: the interval, or backoff with
-        jitter after failures)."""
-        return next_delay(self._settings.interval_seconds, self._failures,
-                          self._settings.backoff_max_seconds, self._rng)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.poll_once()
-            except Exception:  # a bug must not end the polling for the process' life
-                log.exception("Redfish poll failed unexpectedly")
-                self._failures += 1
-            if self._stop.wait(self.next_delay()):
-                return
-
-    # --------------------------------------------------------------------------- polling
 
     def poll_once(self) -> bool:
         """One poll of every chassis; True when every chassis was read."""
