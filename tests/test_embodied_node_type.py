@@ -149,3 +149,30 @@ def test_bad_node_type_entry_is_one_line_naming_the_key(tmp_path: Path, entries:
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0], result.stderr
+
+
+def test_zone_label_comes_from_the_same_read(tmp_path: Path) -> None:
+    """The carbon source's zone label is taken from the labels read at start: one GET of
+    the node for the instance type, the node type and the zone."""
+    api = FakeKubeApi()
+    api.nodes["node-a"] = _node_object({"node.kubernetes.io/instance-type": "p5.48xlarge",
+                                        "topology.kubernetes.io/region": "eu-west-1"})
+    signal = tmp_path / "intensity.yaml"
+    signal.write_text("value: 321\n")
+    extra = (f"carbon:\n  source: file\n  file: {signal}\n"
+             "  zone_node_label: topology.kubernetes.io/region\n"
+             "kubernetes:\n  read_node: true\n")
+    with api.serve() as url:
+        exporter = _exporter(tmp_path, url, RULES + extra)
+        try:
+            exporter.signal_stages[0].poller.poll_once()
+            exporter.sampler.sample()
+            intensity = _samples(exporter, "kwatt_carbon_intensity_grams_per_kwh")
+            embodied = _samples(exporter, "kwatt_embodied_grams_per_second")
+        finally:
+            exporter.stop_watch()
+        gets = len([r for r in api.requests if r.path == "/api/v1/nodes/node-a"])
+    assert [(labels["zone"], value) for labels, value in intensity] == [("eu-west-1", 321.0)]
+    assert embodied[0][1] == pytest.approx(12000e3 / (5 * SECONDS_PER_YEAR))
+    assert exporter.coefficients.instance_type == "p5.48xlarge"
+    assert gets == 1
