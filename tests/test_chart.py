@@ -853,3 +853,27 @@ def test_signal_credentials_and_files_are_mounted_read_only(tmp_path: Path,
 def test_schema_rejects_bad_signal_values(flag: str, problem: str) -> None:
     result = helm("template", RELEASE, str(CHART), "--set", flag, check=False)
     assert result.returncode != 0 and problem in result.stderr
+
+
+def test_embodied_by_node_labels_reach_the_exporter_and_need_read_node(
+        tmp_path: Path, certs: Certs) -> None:
+    values = tmp_path / "embodied.yaml"
+    values.write_text(
+        "rbac:\n  readNode: true\n"
+        "config:\n  embodied:\n    kg_co2e: 1500\n    by_node_labels:\n"
+        "      - match: {node.kubernetes.io/instance-type: p5.48xlarge}\n"
+        "        kg_co2e: 12000\n        lifetime_years: 5\n")
+    args, _ = _mount_config("default", tmp_path, certs, "-f", str(values))
+    config = load_config(args, env={"NODE_NAME": "node-a"})
+    assert [(r.match, r.kg_co2e, r.lifetime_years) for r in config.embodied_by_node_labels] \
+        == [((("node.kubernetes.io/instance-type", "p5.48xlarge"),), 12000.0, 5.0)]
+    assert config.embodied_kg_co2e == 1500.0
+    rules = only(render("default", "-f", str(values)), "ClusterRole")["rules"]
+    assert {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]} in rules
+    # without the node read the entries could never match: the render says so
+    result = helm("template", RELEASE, str(CHART), "-f", str(values),
+                  "--set", "rbac.readNode=false", check=False)
+    assert result.returncode != 0 and "rbac.readNode" in result.stderr
+    bad = helm("template", RELEASE, str(CHART), "-f", str(values),
+               "--set", "config.embodied.by_node_labels[0].kg_co2e=-1", check=False)
+    assert bad.returncode != 0 and "kg_co2e" in bad.stderr

@@ -44,6 +44,18 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class EmbodiedRule:
+    """Embodied carbon of the nodes whose labels all equal ``match`` (a node type)."""
+
+    match: tuple[tuple[str, str], ...]
+    kg_co2e: float
+    lifetime_years: float | None = None  # None: embodied.lifetime_years
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(labels.get(key) == value for key, value in self.match)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Coefficients of the estimation model used where RAPL cannot be read.
 
@@ -185,6 +197,9 @@ class Config:
     # Embodied carbon of this node's hardware (SCI's M), amortised over its lifetime.
     embodied_kg_co2e: float | None = None
     embodied_lifetime_years: float = 4.0
+    # Per node type, matched against this node's labels (one GET at start); the first
+    # matching entry wins, embodied_kg_co2e is the fallback.
+    embodied_by_node_labels: tuple[EmbodiedRule, ...] = ()
 
 
 # --------------------------------------------------------------------------- parsing values
@@ -383,6 +398,44 @@ def _zone_map(key: str, value: object) -> tuple[str, ...]:
     return entries
 
 
+_EMBODIED_RULE_KEYS = frozenset({"match", "kg_co2e", "lifetime_years"})
+
+
+def _embodied_rules(key: str, value: object) -> tuple[EmbodiedRule, ...]:
+    """``[{match: {label: value, ...}, kg_co2e: N, lifetime_years: N}, ...]``; from the
+    environment, the same list in YAML or JSON."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"{key}: expected a YAML list of {{match, kg_co2e, "
+                              f"lifetime_years}} entries") from None
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of {{match, kg_co2e, lifetime_years}} "
+                          f"entries, got {value!r}")
+    rules = []
+    for index, entry in enumerate(value):
+        at = f"{key}[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{at}: expected a mapping with match and kg_co2e, got {entry!r}")
+        unknown = sorted(str(k) for k in entry if k not in _EMBODIED_RULE_KEYS)
+        if unknown:
+            raise ConfigError(f"{at}: unknown key {unknown[0]!r} (expected match, kg_co2e, "
+                              "lifetime_years)")
+        match = entry.get("match")
+        if not isinstance(match, dict) or not match or not all(
+                isinstance(k, str) and k and isinstance(v, str) for k, v in match.items()):
+            raise ConfigError(f"{at}.match: expected a non-empty mapping of node label to "
+                              f"value, got {match!r}")
+        if "kg_co2e" not in entry:
+            raise ConfigError(f"{at}.kg_co2e: required")
+        kg = _float(f"{at}.kg_co2e", entry["kg_co2e"], minimum=0)
+        lifetime = None if entry.get("lifetime_years") is None else _float(
+            f"{at}.lifetime_years", entry["lifetime_years"], minimum=0.1, maximum=50)
+        rules.append(EmbodiedRule(tuple(sorted(match.items())), kg, lifetime))
+    return tuple(rules)
+
+
 def _signal_settings(prefix: str, dest: str, what: str,
                      kinds: Sequence[str]) -> tuple[Setting, ...]:
     """The same keys for each grid signal: --carbon.* and --cost.*."""
@@ -541,6 +594,7 @@ FILE_ONLY: dict[str, tuple[str, Callable[[str, object], Any]]] = {
     "embodied.kg_co2e": ("embodied_kg_co2e", lambda k, v: _float(k, v, minimum=0)),
     "embodied.lifetime_years": (
         "embodied_lifetime_years", lambda k, v: _float(k, v, minimum=0.1, maximum=50)),
+    "embodied.by_node_labels": ("embodied_by_node_labels", _embodied_rules),
     "attribution.idle_policy": (
         "attribution.idle_policy", lambda k, v: _choice(k, v, IDLE_POLICIES)),
     "attribution.idle_watts.cpu": (

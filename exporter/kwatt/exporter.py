@@ -12,7 +12,7 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 from kwatt.certwatch import DEFAULT_PERIOD_SECONDS, CertWatcher
 from kwatt.config import Config, split_listen_address
 from kwatt.cycle_metrics import CycleCollector, StageRenderer
+from kwatt.faults import Fault
 from kwatt.gpu_stage import build_gpu_stage
 from kwatt.metrics import StaticInfo
 from kwatt.model_info import EstimationModelCollector
@@ -58,7 +59,7 @@ from kwatt.workloads.kubernetes import (
     kubernetes_enabled,
 )
 from kwatt.workloads.naming import HostNamer, WorkloadNamer
-from kwatt.workloads.node import node_instance_type
+from kwatt.workloads.node import instance_type_of, read_node_labels
 from kwatt.workloads.resourceslices import SliceStore
 
 log = logging.getLogger("kwatt")
@@ -105,19 +106,20 @@ class _Swappable(Collector):
         return inner.exposition(openmetrics, gzipped)
 
 
-def _static_info(config: Config) -> StaticInfo:
+def _static_info(config: Config, node_labels: Mapping[str, str] | None) -> StaticInfo:
     return StaticInfo(
         node=config.node_name, interval_seconds=config.interval_seconds,
         carbon_intensity_grams_per_kwh=config.carbon_intensity_grams_per_kwh,
         energy_price_per_kwh=config.energy_price_per_kwh,
         energy_price_currency=config.energy_price_currency, pue=config.pue,
         carbon_zone=static_zone(config, "carbon"), price_zone=static_zone(config, "cost"),
-        embodied_grams_per_second=embodied_grams_per_second(config))
+        embodied_grams_per_second=embodied_grams_per_second(config, node_labels))
 
 
-def _estimation_coefficients(config: Config, kubernetes: bool) -> Coefficients:
+def _estimation_coefficients(config: Config,
+                             node_labels: Mapping[str, str] | None) -> Coefficients:
     """The estimation model's per-vCPU watts for this node, from /proc/cpuinfo and, when
-    allowed, the node's instance-type label (one GET at start); logged once."""
+    allowed, the node's instance-type label (read at start); logged once."""
     cpuinfo: str | None = None
     try:
         with open(os.path.join(config.procfs, "cpuinfo"), encoding="utf-8",
@@ -127,12 +129,8 @@ def _estimation_coefficients(config: Config, kubernetes: bool) -> Coefficients:
         log.info("cannot read cpuinfo for the estimation model",
                  extra={"error": exc.strerror, "procfs": config.procfs})
     instance_type: str | None = None
-    if kubernetes and config.kubernetes_read_node and config.model.auto_coefficients:
-        instance_type, fault = node_instance_type(api_client_for(config), config.node_name)
-        if fault is not None:
-            log.warning("cannot read this node's instance type; the estimation model uses "
-                        "/proc/cpuinfo alone", extra={"reason": fault.reason,
-                                                      "detail": fault.detail})
+    if node_labels is not None and config.kubernetes_read_node:
+        instance_type = instance_type_of(node_labels)
     chosen = choose_coefficients(config.model, cpuinfo, instance_type)
     log.info("estimation model coefficients", extra={
         "basis": chosen.basis, "microarchitecture": chosen.microarchitecture,
@@ -151,13 +149,44 @@ def _with_coefficients(config: Config, chosen: Coefficients) -> Config:
 SECONDS_PER_YEAR = 365.25 * 86400
 
 
-def embodied_grams_per_second(config: Config) -> float | None:
+def embodied_grams_per_second(config: Config,
+                              node_labels: Mapping[str, str] | None = None) -> float | None:
     """SCI's M per second: the hardware's embodied kg CO2e spread evenly over its
-    expected lifetime (linear amortisation, as SCI's time share does)."""
-    if config.embodied_kg_co2e is None:
+    expected lifetime (linear amortisation, as SCI's time share does). The first entry of
+    embodied.by_node_labels that this node's labels match wins; embodied.kg_co2e is the
+    fallback (also when the labels could not be read)."""
+    kg, years = config.embodied_kg_co2e, config.embodied_lifetime_years
+    for rule in config.embodied_by_node_labels:
+        if node_labels is not None and rule.matches(node_labels):
+            kg = rule.kg_co2e
+            years = rule.lifetime_years if rule.lifetime_years is not None else years
+            break
+    if kg is None:
         return None
-    return config.embodied_kg_co2e * 1000.0 / (config.embodied_lifetime_years
-                                               * SECONDS_PER_YEAR)
+    return kg * 1000.0 / (years * SECONDS_PER_YEAR)
+
+
+def _read_node_labels(config: Config, kubernetes: bool
+                      ) -> tuple[dict[str, str] | None, Fault | None]:
+    """This node's labels, read once at start when something uses them: the instance
+    type (kubernetes.read_node), the embodied carbon per node type, the zone label of the
+    carbon and price sources. One GET for all; only the zone's lookup retries a failure
+    (on its poller's thread)."""
+    wanted = (config.kubernetes_read_node and config.model.auto_coefficients) or \
+        bool(config.embodied_by_node_labels) or bool(
+            config.carbon_source.zone_node_label or config.price_source.zone_node_label)
+    if not kubernetes or not wanted:
+        if config.embodied_by_node_labels and not kubernetes:
+            log.warning("embodied.by_node_labels needs Kubernetes mode; embodied.kg_co2e "
+                        "applies")
+        return None, None
+    labels, fault = read_node_labels(api_client_for(config), config.node_name)
+    if fault is not None:
+        log.warning("cannot read this node's labels at start; the estimation model uses "
+                    "/proc/cpuinfo alone, embodied carbon its fallback embodied.kg_co2e, a "
+                    "zone label is retried by its source",
+                    extra={"reason": fault.reason, "detail": fault.detail})
+    return labels, fault
 
 
 class Exporter:
@@ -212,7 +241,8 @@ class Exporter:
         if hwmon_cpu is not None:
             log.info("CPU-socket hwmon meter found; used for cpu when RAPL is not readable",
                      extra={"driver": cpu_driver})
-        self.coefficients = _estimation_coefficients(config, self.kube is not None)
+        self.node_labels, node_fault = _read_node_labels(config, self.kube is not None)
+        self.coefficients = _estimation_coefficients(config, self.node_labels)
         # Fetched carbon intensity and price: stages without energy, polled on their own
         # threads (kwatt.signals); rendered from the same published cycle as the rest.
         signal_renderers: dict[int, StageRenderer] = {}
@@ -237,6 +267,8 @@ class Exporter:
                 self.sampler, gpu[0] if gpu else None)
             self.state.restore()
             self.sampler.on_cycle = self.state.cycle_done
+        if node_fault is not None:  # once: the labels are read at start only
+            self.sampler.ledger.count_error(node_fault.source, node_fault.reason)
         self.otlp: OtlpPusher | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         # The GPU stage, when there is one, is stage 0; its families are rendered from the
@@ -244,7 +276,8 @@ class Exporter:
         self._stage_renderers: dict[int, StageRenderer] = {0: gpu[1]} if gpu else {}
         self._stage_renderers.update(signal_renderers)
         self._kwatt_collector = _Swappable(CycleCollector(
-            self._scraped_cycle, _static_info(config), self._stage_renderers), self.registry)
+            self._scraped_cycle, _static_info(config, self.node_labels),
+            self._stage_renderers), self.registry)
         self.registry.register(self._kwatt_collector)
         self.registry.register(ServerCollector(
             lambda: self.server.stats if self.server is not None else None,
@@ -262,7 +295,8 @@ class Exporter:
         if not signal.zone_node_label or self.kube is None:
             return None
         return NodeLabelZone(self.kube.api_client, self.config.node_name,
-                             signal.zone_node_label, signal.timeout_seconds)
+                             signal.zone_node_label, signal.timeout_seconds,
+                             known_labels=self.node_labels)
 
     def _scraped_cycle(self) -> PublishedCycle:
         cycle = self.sampler.published()
@@ -345,7 +379,8 @@ class Exporter:
         self.config = dataclasses.replace(config, **kept)
         if live:
             self._kwatt_collector.inner = CycleCollector(
-                self._scraped_cycle, _static_info(self.config), self._stage_renderers)
+                self._scraped_cycle, _static_info(self.config, self.node_labels),
+                self._stage_renderers)
         self.web_config = web_config
         self.ssl_context = ssl_context
         self.app().update(web_config)

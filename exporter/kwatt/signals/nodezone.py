@@ -7,6 +7,7 @@ with its backoff.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -18,8 +19,13 @@ MAX_NODE_BYTES = 4 * 1024 * 1024
 
 
 class NodeLabelZone:
+    """``known_labels``: the node's labels as read at start (kwatt.workloads.node); when the
+    zone label is among them no request is made, otherwise the node is read again."""
+
     def __init__(self, api_client: Any, node_name: str, label: str,
-                 timeout_seconds: float) -> None:
+                 timeout_seconds: float, known_labels: Mapping[str, str] | None = None
+                 ) -> None:
+        self._known = known_labels
         self._api = ApiRequests(api_client)
         self._node = node_name
         self._label = label
@@ -30,6 +36,8 @@ class NodeLabelZone:
 
         from kubernetes.client.exceptions import ApiException
 
+        if self._known is not None and self._known.get(self._label):
+            return self._known[self._label]
         try:
             response = self._api.get(f"/api/v1/nodes/{quote(self._node, safe='')}", {},
                                      (self._timeout, self._timeout))

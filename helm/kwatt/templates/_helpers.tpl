@@ -93,6 +93,9 @@ means "the exporter's default" rather than a value the exporter would reject.
 
 {{/* Checks that combinations of values make sense; fails the render with the reason. */}}
 {{- define "kwatt.validate" -}}
+{{- if and .Values.config.embodied.by_node_labels (not .Values.rbac.readNode) (not .Values.config.kubernetes.read_node) }}
+{{- fail "config.embodied.by_node_labels needs rbac.readNode: true: the exporter reads its node's labels (get on nodes) to pick the entry" }}
+{{- end }}
 {{- if and .Values.serviceMonitor.enabled .Values.podMonitor.enabled }}
 {{- fail "serviceMonitor.enabled and podMonitor.enabled are both true: Prometheus would scrape every exporter twice; pick one" }}
 {{- end }}
