@@ -351,9 +351,11 @@ class BarrierMigNvml(FakeNvml):
         self.lock = threading.Lock()
         self.in_flight = 0
         self.peak = 0
+        self.threads: list[threading.Thread] = []  # where each enumeration ran
 
     def mig_layout(self, uuid: str) -> list[MigInstance]:
         with self.lock:
+            self.threads.append(threading.current_thread())
             self.in_flight += 1
             self.peak = max(self.peak, self.in_flight)
         try:
@@ -387,3 +389,19 @@ def test_a_library_not_known_to_be_thread_safe_enumerates_one_gpu_at_a_time(
     cycle = reader.read(want_pids=False)
     assert all(len(g.instances) == 2 for g in cycle.gpus)
     assert fake.peak == 1
+
+
+def test_a_due_refresh_of_known_layouts_goes_one_gpu_at_a_time(clock: FakeClock) -> None:
+    # Known layouts hold no energy back: their periodic refresh is not worth the risk of a
+    # driver that serialises concurrent calls into one long reading every refresh.
+    gpus = [_mig_gpu(f"GPU-{g}", 2) for g in range(3)]
+    fake = BarrierMigNvml(gpus, 3)
+    reader = GpuReader(fake, clock, mig_refresh_seconds=60.0)
+    reader.start()
+    read_at(reader, clock, 0.0, want_pids=False)
+    assert fake.peak == 3
+    fake.barrier, fake.threads = threading.Barrier(1), []
+    (*_, last) = read_at(reader, clock, 61.0, want_pids=False).gpus
+    # All three enumerated again, each on the reading's own thread: one after another.
+    assert fake.threads == [threading.current_thread()] * 3
+    assert len(last.instances) == 2

@@ -403,23 +403,26 @@ class GpuReader:
         if not mig:
             return 0
         now = self._clock()
-        layouts = [g for g in mig if not g.layout_known] + [
-            g for g in mig if g.layout_known and g.layout_read_at is not None
-            and now - g.layout_read_at >= self._mig_refresh]
+        unknown = [g for g in mig if not g.layout_known]
+        due = [g for g in mig if g.layout_known and g.layout_read_at is not None
+               and now - g.layout_read_at >= self._mig_refresh]
         deferred = 0
 
         def spent() -> bool:
             return budget is not None and self._clock() - started >= budget
 
-        # Layouts are started in batches (one GPU at a time where the library is not known
-        # to be thread-safe), each batch only while the budget lasts.
-        batch = LAYOUT_THREADS if self._backend.concurrent_calls else 1
-        unknown = [g for g in layouts if not g.layout_known]
-        for first in range(0, len(layouts), batch):
+        # Unknown layouts hold their GPU's energy back: they are enumerated side by side
+        # where the library is thread-safe. A due refresh of a known layout holds nothing
+        # back and goes one GPU at a time, so a driver that serialises concurrent calls
+        # costs a long reading only at start-up and reconfiguration, never every refresh.
+        width = LAYOUT_THREADS if self._backend.concurrent_calls else 1
+        batches = [unknown[i:i + width] for i in range(0, len(unknown), width)]
+        batches += [[g] for g in due]
+        for position, batch in enumerate(batches):
             if spent():
-                deferred += len(layouts) - first
+                deferred += sum(len(b) for b in batches[position:])
                 break
-            self._read_layouts(layouts[first:first + batch], faults)
+            self._read_layouts(batch, faults)
         for gpu in unknown:
             if gpu.up and gpu.layout_known:
                 readings[gpu.uuid] = self._energy_after_layout(gpu, readings[gpu.uuid],
