@@ -7,7 +7,8 @@ process feeds the simulated node's RAPL and cgroup counters and measures from ou
 
 - when /metrics first answers, and its response time throughout (scraped every 25 ms);
 - the times at which the CPU figure on /metrics changes, against ``--interval``;
-- the longest gap between changes of each GPU's ``kwatt_gpu_energy_joules_total``;
+- when each GPU's ``kwatt_gpu_energy_joules_total`` is first above zero, and the longest
+  gap between its changes;
 - GPU conservation at the end (containers + unattributed == node);
 - the child's CPU time and RSS from /proc/<pid>/stat and /proc/<pid>/status;
 - in the child: NVML calls per GPU reading, GPU reading time, overruns, and the
@@ -69,9 +70,9 @@ def serve(root: Path, interval: str, port_file: Path, stats_file: Path) -> None:
             return int((time.monotonic() - started) * GPU_WATTS * 1000) + 1
 
         def mig_layout(self, uuid: str) -> list[MigInstance]:
-            before = self.calls
             out = super().mig_layout(uuid)
-            time.sleep(CALL_SECONDS * (self.calls - before))
+            # Its own calls (slot count + 5 per instance): layouts may run side by side.
+            time.sleep(CALL_SECONDS * (1 + 5 * len(out)))
             return out
 
         def instance_pids(self, instance_uuid: str) -> list[int]:
@@ -203,6 +204,7 @@ def run(interval: float, seconds: float) -> None:
         latencies: list[float] = []
         cpu_changes: list[float] = []
         gpu_changes: dict[str, list[float]] = {}
+        first_energy: dict[str, float] = {}  # when each GPU's energy is first above zero
         last: dict[str, float] = {}
         figures: dict[str, float] = {}
         read_seconds: list[float] = []
@@ -223,6 +225,8 @@ def run(interval: float, seconds: float) -> None:
             if "read_seconds" in figures:
                 read_seconds.append(figures["read_seconds"])
             for key, value in figures.items():
+                if key.startswith("gpu:") and value > 0:
+                    first_energy.setdefault(key, now)
                 if key.startswith(("node:cpu", "gpu:")) and last.get(key) != value:
                     if key in last:
                         if key == "node:cpu":
@@ -243,7 +247,7 @@ def run(interval: float, seconds: float) -> None:
     own = [b - a for a, b in itertools.pairwise(published)][1:]
     gpu_gaps = [max([b - a for a, b in itertools.pairwise(c)] or [math.inf])
                 for c in gpu_changes.values()]
-    first_gpu = [c[0] - spawned for c in gpu_changes.values()]
+    first_gpu = [t - spawned for t in first_energy.values()]
     node_gpu = figures.get("node:gpu", 0.0)
     split = figures.get("gpu_containers", 0.0) + figures.get("gpu_unattributed", 0.0)
     gpu_total = sum(v for k, v in figures.items() if k.startswith("gpu:"))
@@ -268,9 +272,11 @@ def run(interval: float, seconds: float) -> None:
           f"calls per reading in the second half, read time last "
           f"{stats['last_read_seconds'] or 0:.2f} s, max on /metrics "
           f"{max(read_seconds or [0]):.2f} s, overruns {stats['overruns']}")
-    print(f"  GPU energy: first change {min(first_gpu or [math.inf]):.1f}-"
+    print(f"  GPU energy: first above zero {min(first_gpu or [math.inf]):.1f}-"
           f"{max(first_gpu or [math.inf]):.1f} s after spawn; longest gap between changes "
           f"{max(gpu_gaps or [math.inf]):.2f} s")
+    print("  GPU energy first above zero, per GPU (s after spawn): " + ", ".join(
+        f"{key[4:]} {t - spawned:.1f}" for key, t in sorted(first_energy.items())))
     print(f"  conservation: node gpu {node_gpu:.3f} J, containers+unattributed {split:.3f} J,"
           f" sum of GPUs {gpu_total:.3f} J, diff {abs(node_gpu - split):.2e} J")
     print(f"  child process (from /proc): CPU {cpu_s:.2f} s over {seconds:g} s "

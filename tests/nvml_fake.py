@@ -37,6 +37,7 @@ class FakeNvml:
     source = "nvml"
     vendor = "nvidia"
     instance_activity_supported = False
+    concurrent_calls = True  # as NVML
 
     def __init__(self, gpus: list[FakeGpu], driver: str = "550.54.15",
                  available: bool = True) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from conftest import FakeClock
+from kwatt.sources.gpu import LAYOUT_THREADS
 from kwatt.sources.nvml import (
     GpuReader,
     MigInstance,
@@ -205,9 +208,9 @@ class SlowMigNvml(FakeNvml):
         self.cost = cost
 
     def mig_layout(self, uuid: str) -> list[MigInstance]:
-        before = self.calls
         out = super().mig_layout(uuid)
-        self.clock.advance(self.cost * (self.calls - before))
+        # Its own calls (the slot count, five per instance): layouts may run side by side.
+        self.clock.advance(self.cost * (1 + 5 * len(out)))
         return out
 
     def instance_pids(self, instance_uuid: str) -> list[int]:
@@ -249,15 +252,15 @@ def test_vanished_instance_rereads_layout_and_books_the_energy_once(clock: FakeC
     assert first.faults == ()  # a reconfiguration is not a fault
     assert first.gpus[0].joules == 100.0  # read before the change was seen: old layout
     fake.gpus[0].energy_mj += 200_000
-    waiting = read_at(reader, clock, 2.0, want_pids=False)
-    # The layout is read again in this cycle; the energy waits in the counter meanwhile.
-    assert waiting.gpus[0].joules is None
-    assert [i.uuid for i in waiting.gpus[0].instances] == ["MIG-new"]
-    fake.gpus[0].energy_mj += 300_000
-    after = read_at(reader, clock, 3.0, want_pids=False)
-    (gpu,) = after.gpus
-    assert (gpu.joules, gpu.dt) == (500.0, 2.0)  # 200 J + 300 J, booked once
+    relearned = read_at(reader, clock, 2.0, want_pids=False)
+    # The layout is read again in this cycle; the energy waited in the counter meanwhile
+    # and is read once the layout is known: booked once, with the new layout.
+    (gpu,) = relearned.gpus
+    assert (gpu.joules, gpu.dt) == (200.0, 1.0)
     assert [(i.uuid, i.slices, i.pids) for i in gpu.instances] == [("MIG-new", 7, (55,))]
+    fake.gpus[0].energy_mj += 300_000
+    (gpu,) = read_at(reader, clock, 3.0, want_pids=False).gpus
+    assert (gpu.joules, gpu.dt) == (300.0, 1.0)  # nothing booked twice
 
 
 def test_mig_mode_turned_off_is_seen_by_the_cheap_check(clock: FakeClock) -> None:
@@ -294,11 +297,11 @@ def test_budget_bounds_slow_mig_calls_and_round_robin_reaches_every_instance(
     fake = SlowMigNvml(gpus, clock, cost=0.05)
     reader = GpuReader(fake, clock)
     reader.start()
-    # Start-up: each layout costs 36 x 50 ms = 1.8 s; with a 1 s budget one layout per
-    # cycle is started, and every GPU's energy is still read in every cycle.
+    # Start-up: each layout costs 36 x 50 ms = 1.8 s; both are started at once (the fake
+    # clock adds their calls up: 3.6 s), so the instance processes wait for the next cycle.
     first = reader.read(want_pids=False, budget_seconds=1.0)
-    assert first.deferred > 0 and first.seconds == pytest.approx(1.8)
-    assert all(g.up for g in first.gpus)
+    assert first.deferred == 14 and first.seconds == pytest.approx(3.6)
+    assert all(g.up and len(g.instances) == 7 for g in first.gpus)
     second = reader.read(want_pids=False, budget_seconds=1.0)
     assert all(len(g.instances) == 7 for g in second.gpus)
     for gpu in gpus:
@@ -315,3 +318,90 @@ def test_budget_bounds_slow_mig_calls_and_round_robin_reaches_every_instance(
         assert [g.joules for g in cycle.gpus] == [100.0, 100.0]
         seen |= {i.uuid for g in cycle.gpus for i in g.instances if i.pids == (999,)}
     assert len(seen) == 14, "every instance's processes were read within a few cycles"
+
+
+def test_every_mig_gpu_books_energy_from_the_first_reading_after_the_baseline(
+        clock: FakeClock) -> None:
+    # Issue 10: 8 GPUs x 7 instances, 50 ms a MIG call (a layout costs 1.8 s), read with
+    # the 0.8 s budget of a 1 s interval. A GPU whose layout is unknown books no energy, so
+    # when the layouts are enumerated one GPU after another GPU k first books energy in
+    # reading k + 2 (16 s at 1 s). Enumerated side by side, and the energy read again once
+    # a layout is learned, every GPU books its energy from the first reading on.
+    gpus = [_mig_gpu(f"GPU-{g}", 7) for g in range(8)]
+    fake = SlowMigNvml(gpus, clock, cost=0.05)
+    reader = GpuReader(fake, clock)
+    reader.start()
+    first_energy: dict[str, int] = {}
+    for reading in range(1, 11):
+        for gpu in gpus:
+            gpu.energy_mj += 100_000
+        for g in reader.read(want_pids=False, budget_seconds=0.8).gpus:
+            if g.joules is not None:
+                first_energy.setdefault(g.uuid, reading)
+    assert [first_energy.get(g.uuid) for g in gpus] == [1] * 8
+
+
+class BarrierMigNvml(FakeNvml):
+    """Layout enumerations meet at a barrier of ``parties``: they pass only when that many
+    run at the same time (a reader that enumerates one GPU after another breaks it)."""
+
+    def __init__(self, gpus: list[FakeGpu], parties: int) -> None:
+        super().__init__(gpus)
+        self.barrier = threading.Barrier(parties, timeout=30)
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.peak = 0
+        self.threads: list[threading.Thread] = []  # where each enumeration ran
+
+    def mig_layout(self, uuid: str) -> list[MigInstance]:
+        with self.lock:
+            self.threads.append(threading.current_thread())
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+        try:
+            self.barrier.wait()
+            return super().mig_layout(uuid)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+def test_layouts_of_different_gpus_are_enumerated_concurrently_in_a_bounded_pool(
+        clock: FakeClock) -> None:
+    count = 2 * LAYOUT_THREADS
+    gpus = [_mig_gpu(f"GPU-{g}", 2) for g in range(count)]
+    fake = BarrierMigNvml(gpus, LAYOUT_THREADS)
+    reader = GpuReader(fake, clock)
+    reader.start()
+    cycle = reader.read(want_pids=False)
+    assert cycle.faults == ()
+    assert all(len(g.instances) == 2 for g in cycle.gpus)
+    assert fake.peak == LAYOUT_THREADS  # concurrent, and never more than the pool
+
+
+def test_a_library_not_known_to_be_thread_safe_enumerates_one_gpu_at_a_time(
+        clock: FakeClock) -> None:
+    gpus = [_mig_gpu(f"GPU-{g}", 2) for g in range(3)]
+    fake = BarrierMigNvml(gpus, 1)
+    fake.concurrent_calls = False  # as AmdSmiBackend
+    reader = GpuReader(fake, clock)
+    reader.start()
+    cycle = reader.read(want_pids=False)
+    assert all(len(g.instances) == 2 for g in cycle.gpus)
+    assert fake.peak == 1
+
+
+def test_a_due_refresh_of_known_layouts_goes_one_gpu_at_a_time(clock: FakeClock) -> None:
+    # Known layouts hold no energy back: their periodic refresh is not worth the risk of a
+    # driver that serialises concurrent calls into one long reading every refresh.
+    gpus = [_mig_gpu(f"GPU-{g}", 2) for g in range(3)]
+    fake = BarrierMigNvml(gpus, 3)
+    reader = GpuReader(fake, clock, mig_refresh_seconds=60.0)
+    reader.start()
+    read_at(reader, clock, 0.0, want_pids=False)
+    assert fake.peak == 3
+    fake.barrier, fake.threads = threading.Barrier(1), []
+    (*_, last) = read_at(reader, clock, 61.0, want_pids=False).gpus
+    # All three enumerated again, each on the reading's own thread: one after another.
+    assert fake.threads == [threading.current_thread()] * 3
+    assert len(last.instances) == 2

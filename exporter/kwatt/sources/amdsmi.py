@@ -80,6 +80,9 @@ class AmdSmiBackend:
     source = SOURCE
     vendor = "amd"
     instance_activity_supported = True
+    # amdsmi's Python layer keeps module-level state and AMD does not document concurrent
+    # use of it: one call at a time.
+    concurrent_calls = False
 
     def __init__(self, library: Any | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:

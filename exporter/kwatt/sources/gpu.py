@@ -15,6 +15,7 @@ others.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,10 @@ from kwatt.faults import Fault
 # (kwatt.counters): twice the largest board power shipping today (B300, ~1.4 kW; MI355X
 # 1.4 kW).
 GPU_BOUND_WATTS = 3000.0
+# How many GPUs' MIG layouts are enumerated at the same time, where the library allows
+# concurrent calls (``GpuBackend.concurrent_calls``): one per GPU of a usual 8-GPU node, so
+# start-up costs one layout's time, not one per GPU.
+LAYOUT_THREADS = 8
 log = logging.getLogger("kwatt.gpu")
 
 
@@ -86,6 +91,9 @@ class GpuBackend(Protocol):
     source: str  # kwatt_source_* name: nvml, amdsmi
     vendor: str  # kwatt_gpu_info's vendor label: nvidia, amd
     instance_activity_supported: bool  # False: never ask instance_activity
+    # True: calls on different GPUs may run on several threads at once (NVML is
+    # thread-safe); False: one call at a time.
+    concurrent_calls: bool
 
     def init(self) -> None:
         """Load and initialise the library; raise ``GpuLibraryUnavailable`` when it cannot."""
@@ -395,19 +403,30 @@ class GpuReader:
         if not mig:
             return 0
         now = self._clock()
-        layouts = [g for g in mig if not g.layout_known] + [
-            g for g in mig if g.layout_known and g.layout_read_at is not None
-            and now - g.layout_read_at >= self._mig_refresh]
+        unknown = [g for g in mig if not g.layout_known]
+        due = [g for g in mig if g.layout_known and g.layout_read_at is not None
+               and now - g.layout_read_at >= self._mig_refresh]
         deferred = 0
 
         def spent() -> bool:
             return budget is not None and self._clock() - started >= budget
 
-        for gpu in layouts:
+        # Unknown layouts hold their GPU's energy back: they are enumerated side by side
+        # where the library is thread-safe. A due refresh of a known layout holds nothing
+        # back and goes one GPU at a time, so a driver that serialises concurrent calls
+        # costs a long reading only at start-up and reconfiguration, never every refresh.
+        width = LAYOUT_THREADS if self._backend.concurrent_calls else 1
+        batches = [unknown[i:i + width] for i in range(0, len(unknown), width)]
+        batches += [[g] for g in due]
+        for position, batch in enumerate(batches):
             if spent():
-                deferred += 1
-                continue
-            self._read_layout(gpu, faults)
+                deferred += sum(len(b) for b in batches[position:])
+                break
+            self._read_layouts(batch, faults)
+        for gpu in unknown:
+            if gpu.up and gpu.layout_known:
+                readings[gpu.uuid] = self._energy_after_layout(gpu, readings[gpu.uuid],
+                                                               faults)
         # Instance processes, round-robin so that a budget cut never starves the same ones.
         instances = [(g, i) for g in mig if g.up and g.layout_known for i in g.instances]
         if instances:
@@ -434,13 +453,60 @@ class GpuReader:
                     for i in gpu.instances))
         return deferred
 
-    def _read_layout(self, gpu: _GpuState, faults: list[Fault]) -> None:
+    def _energy_after_layout(self, gpu: _GpuState, reading: GpuReading,
+                             faults: list[Fault]) -> GpuReading:
+        """A GPU whose layout was learned in this reading: its energy is read once more, so
+        that the energy it held while the layout was unknown (or, on the first reading,
+        since the baseline) is booked now, whole, with the layout, not one reading later."""
         before = len(faults)
-        found = self._call(faults, gpu.uuid, self._backend.mig_layout, gpu.uuid)
-        if found is None:
-            if any(f.reason == "absent" for f in faults[before:]):
-                self._mark_down(gpu)
-            return
+        implausible: list[Fault] = []
+        joules, energy_source, read_at = self._energy(gpu, faults, implausible)
+        if len(faults) > before:
+            return self._mark_down(gpu)
+        faults.extend(implausible)
+        dt = None if gpu.last_time is None else read_at - gpu.last_time
+        gpu.last_time = read_at
+        return replace(reading, joules=joules if dt is not None else None, dt=dt,
+                       energy_source=energy_source, read_at=read_at,
+                       counter_mj=gpu.last_counter if energy_source == "counter" else None)
+
+    def _read_layouts(self, gpus: Sequence[_GpuState], faults: list[Fault]) -> None:
+        """Enumerate the layouts of ``gpus``, side by side when there are several; the
+        answers are applied here, on the reading's thread, in GPU order."""
+        answers: list[list[MigInstance] | Exception] = [GpuCallError("unknown", "no answer")
+                                                        ] * len(gpus)
+
+        def enumerate_layout(position: int) -> None:  # on its own thread: no reader state
+            try:
+                answers[position] = self._backend.mig_layout(gpus[position].uuid)
+            except Exception as exc:  # a bug is raised on the reading's thread below
+                answers[position] = exc
+
+        if len(gpus) == 1:
+            enumerate_layout(0)
+        else:
+            # Daemon threads, not a ThreadPoolExecutor: a call hung in the driver must not
+            # hold up the process's exit (the executor joins its workers at exit).
+            threads = [threading.Thread(target=enumerate_layout, args=(position,),
+                                        name=f"kwatt-gpu-layout-{position}", daemon=True)
+                       for position in range(len(gpus))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        for gpu, answer in zip(gpus, answers, strict=True):
+            self._calls += 1
+            if isinstance(answer, GpuCallError):
+                faults.append(Fault(self._source, _FAULT_REASON.get(answer.kind, "api"),
+                                    gpu.uuid, f"mig_layout: {answer.detail}"))
+                if answer.kind in ("lost", "not_found"):
+                    self._mark_down(gpu)
+                continue
+            if isinstance(answer, Exception):
+                raise answer
+            self._apply_layout(gpu, answer)
+
+    def _apply_layout(self, gpu: _GpuState, found: Sequence[MigInstance]) -> None:
         layout = tuple(replace(i, pids=(), activity=None) for i in found)
         if gpu.layout_known and {i.uuid for i in layout} != {i.uuid for i in gpu.instances}:
             log.info("MIG layout changed", extra={

@@ -49,6 +49,10 @@ class PynvmlBackend:
     source = SOURCE
     vendor = "nvidia"
     instance_activity_supported = False  # MIG instances have no utilisation in NVML
+    # "NVML is thread-safe so it is safe to make simultaneous NVML calls from multiple
+    # threads" (NVML API Reference, docs.nvidia.com/deploy/nvml-api); ctypes releases the
+    # GIL during each call, so layouts of different GPUs are enumerated side by side.
+    concurrent_calls = True
 
     def __init__(self) -> None:
         import pynvml
