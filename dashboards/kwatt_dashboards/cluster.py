@@ -26,9 +26,12 @@ from kwatt_dashboards.common import (
 )
 
 NODE_E = f"kwatt_node_energy_joules_total{sel()}"
-NS_E = f"kwatt_namespace_energy_joules_total{sel()}"
-WL_E = f"kwatt_workload_energy_joules_total{sel()}"
-UN_E = f"kwatt_unattributed_energy_joules_total{sel()}"
+# Cluster-wide panels read recorded rates (rules.py, group kwatt.power): at 1,000 nodes
+# raw container/workload series take seconds to tens of seconds (docs/scale-cluster.md).
+NODE_P = f"node:kwatt_power_watts:sum_rate5m{sel()}"
+NS_P = f"namespace:kwatt_power_watts:sum_rate5m{sel()}"
+WL_P = f"workload:kwatt_power_watts:sum_rate5m{sel()}"
+UN_P = f"node_reason:kwatt_unattributed_power_watts:sum_rate5m{sel()}"
 
 
 def build(currency_unit: str) -> dashboard.Dashboard:
@@ -44,9 +47,8 @@ def build(currency_unit: str) -> dashboard.Dashboard:
         .with_row(row("Now and over the selected range"))
         .with_panel(single(
             "Power now", "Node power by component (cpu = RAPL package or psys, dram, gpu), "
-            "averaged over the rate interval.", "watt",
-            target(f"sum by (component) (rate({NODE_E}[$__rate_interval]))", "{{component}}",
-                   instant=True)))
+            "averaged over 5 minutes (recording rule node:kwatt_power_watts:sum_rate5m).", "watt",
+            target(f"sum by (component) ({NODE_P})", "{{component}}", instant=True)))
         .with_panel(single(
             "Energy today", "Energy used by all nodes since local midnight.", "kwatth",
             target(f"sum(increase({NODE_E}[$__range])) / {KWH}", "energy", instant=True),
@@ -79,8 +81,9 @@ def build(currency_unit: str) -> dashboard.Dashboard:
         .with_row(row("Power and sources"))
         .with_panel(ts(
             "Power by component", "Node power by component and source (rapl, nvml: measured; "
-            "estimated: power model), summed over nodes.", "watt",
-            target(f"sum by (component, source) (rate({NODE_E}[$__rate_interval]))",
+            "estimated: power model), summed over nodes (recording rule "
+            "node:kwatt_power_watts:sum_rate5m).", "watt",
+            target(f"sum by (component, source) ({NODE_P})",
                    "{{component}} ({{source}})"), stacked=True))
         .with_panel(pie(
             "Measured vs estimated", "Share of energy over the range that was measured (rapl, "
@@ -90,27 +93,33 @@ def build(currency_unit: str) -> dashboard.Dashboard:
         .with_panel(ts(
             "Unattributed share", "Share of node energy charged to no container: idle (static "
             "power), system (processes outside containers), unallocated (GPUs nobody holds), "
-            "unidentified (GPU holders kwatt cannot map to a container).",
+            "unidentified (GPU holders kwatt cannot map to a container). Recording rules "
+            "node_reason:kwatt_unattributed_power_watts:sum_rate5m over "
+            "node:kwatt_power_watts:sum_rate5m.",
             "percentunit",
-            target(f"sum by (reason) (rate({UN_E}[$__rate_interval]))\n/ on () group_left () "
-                   f"sum(rate({NODE_E}[$__rate_interval]))", "{{reason}}"), width=6))
+            target(f"sum by (reason) ({UN_P})\n/ on () group_left () sum({NODE_P})",
+                   "{{reason}}"), width=6))
         .with_row(row("Who uses it"))
         .with_panel(bars(
             "Top namespaces by energy", "The ten namespaces with most energy over the range, "
-            "finished pods included. Click a bar for the namespace dashboard.", "kwatth",
-            target(f"topk(10, sum by (namespace) (increase({NS_E}[$__range]))) / {KWH}",
-                   "{{namespace}}", instant=True), links=[to_ns, to_ai]))
+            "finished pods included: the integral of the recording rule "
+            "namespace:kwatt_power_watts:sum_rate5m. Click a bar for the namespace dashboard.",
+            "kwatth",
+            target(f"topk(10, sum by (namespace) ({over_range(NS_P)})) / {KWH}",
+                   "{{namespace}}", instant=True), links=[to_ns, to_ai],
+            min_interval=INTEGRAL_MIN_STEP))
         .with_panel(bars(
             "Top workloads by energy", "The ten workloads (Deployment, StatefulSet, CronJob, "
             "TrainJob, InferenceService, ...: the top owner of their pods) with most energy "
-            "over the range. Click for the workload dashboard, or for training runs and "
-            "served models.",
+            "over the range: the integral of the recording rule "
+            "workload:kwatt_power_watts:sum_rate5m. Click for the workload dashboard, or for "
+            "training runs and served models.",
             "kwatth",
             target(f"topk(10, sum by (namespace, workload_kind, workload) "
-                   f"(increase({WL_E}[$__range]))) / {KWH}",
+                   f"({over_range(WL_P)})) / {KWH}",
                    "{{namespace}}/{{workload}} ({{workload_kind}})", instant=True),
             links=[to_wl, drill(UID_RUNS, "Training runs and served models",
-                                namespace="namespace")]))
+                                namespace="namespace")], min_interval=INTEGRAL_MIN_STEP))
         .with_panel(bars(
             "Top namespaces by carbon", "Grams CO2e over the range per namespace: "
             "operational (integral of its power x its nodes' intensity at each moment x PUE) "
@@ -131,8 +140,9 @@ def build(currency_unit: str) -> dashboard.Dashboard:
                    "{{namespace}} ({{currency}})", instant=True), links=[to_ns],
             min_interval=INTEGRAL_MIN_STEP))
         .with_panel(ts(
-            "Power by namespace", "Power drawn by each namespace's containers.", "watt",
-            target(f"sum by (namespace) (rate({NS_E}[$__rate_interval]))", "{{namespace}}"),
+            "Power by namespace", "Power drawn by each namespace's containers (recording "
+            "rule namespace:kwatt_power_watts:sum_rate5m).", "watt",
+            target(f"sum by (namespace) ({NS_P})", "{{namespace}}"),
             links=[to_ns], stacked=True))
         .with_panel(ts(
             "Energy per namespace, rolling 24h", "Recording rule "

@@ -187,9 +187,16 @@ def recording_groups(p: RuleParams) -> list[dict[str, Any]]:
         _record(f"workload:kwatt_power_watts:sum_rate{w}",
                 f"sum by (cluster, namespace, workload_kind, workload, component) "
                 f"(rate(kwatt_workload_energy_joules_total[{w}]))"),
+        # Keeps each pod's workload: the AI-efficiency group reads pod power and the
+        # pod -> workload mapping from here instead of scanning every container series.
         _record(f"pod:kwatt_power_watts:sum_rate{w}",
-                f"sum by (cluster, namespace, pod, component) "
+                f"sum by (cluster, namespace, workload_kind, workload, pod, component) "
                 f"(rate(kwatt_container_energy_joules_total[{w}]))"),
+        # Watts per node and reason: summable across nodes, unlike the ratio below, so the
+        # cluster dashboard's unattributed share reads recorded series only.
+        _record(f"node_reason:kwatt_unattributed_power_watts:sum_rate{w}",
+                f"sum by ({BY_NODE}, reason) "
+                f"(rate(kwatt_unattributed_energy_joules_total[{w}]))"),
         _record(f"node_reason:kwatt_unattributed_energy:ratio_rate{w}",
                 f"sum by ({BY_NODE}, reason) "
                 f"(rate(kwatt_unattributed_energy_joules_total[{w}]))\n"
