@@ -4,13 +4,13 @@ OpenMetrics negotiation, and one render however many scrapers ask."""
 from __future__ import annotations
 
 import gzip
-import shutil
 import subprocess
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
+from conftest import require_tool
 from kwatt.config import load_config
 from kwatt.exporter import Exporter
 from kwatt.exposition import ExpositionRenderer
@@ -154,9 +154,7 @@ def test_openmetrics_negotiation_and_validity(
     headers, plain = _get(port, {"Accept": "text/plain;version=0.0.4"})
     assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
     assert _kwatt(plain.decode()) == _kwatt(text, om_parse)
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed")
+    promtool = require_tool("promtool")
     check = subprocess.run([promtool, "check", "metrics"], input=plain, capture_output=True,
                            timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
