@@ -27,7 +27,7 @@ from kwatt.metrics import KwattCollector, StaticInfo
 from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import generate_latest
 from prometheus_client.registry import Collector
-from tsdb_prometheus import TsdbPrometheus
+from tsdb_prometheus import OpenMetricsRecording, TsdbPrometheus
 
 pytestmark = pytest.mark.slow
 
@@ -65,8 +65,7 @@ def simulate(out: Path, start: int) -> tuple[float, dict[float, float]]:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Only(KwattCollector(lambda: snap, StaticInfo(
         "sim", CYCLE_S, None, None, "", 1.0))))
-    meta: dict[str, list[str]] = {}
-    points: dict[str, dict[str, list[str]]] = {}
+    recording = OpenMetricsRecording()
     booked = 0.0
     booked_at: dict[float, float] = {}
     pods: list[tuple[float, float, str, WorkloadLabels]] = []  # start, end, key, labels
@@ -94,27 +93,8 @@ def simulate(out: Path, start: int) -> tuple[float, dict[float, float]]:
         snap = ledger.snapshot()
         if step % (SCRAPE_S // CYCLE_S) == 0:
             booked_at[now] = booked
-            text = generate_latest(registry).decode()
-            family = ""
-            for line in text.splitlines():
-                if line.startswith("# EOF"):
-                    continue
-                if line.startswith("#"):
-                    family = line.split()[2]
-                    if family not in meta:
-                        meta[family] = []
-                    if len(meta[family]) < 2:
-                        meta[family].append(line)
-                    continue
-                series, value = line.rsplit(" ", 1)
-                points.setdefault(family, {}).setdefault(series, []).append(
-                    f"{series} {value} {now:.0f}")
-    with open(out, "w") as handle:
-        for family, lines in meta.items():
-            handle.write("\n".join(lines) + "\n")
-            for samples in points.get(family, {}).values():
-                handle.write("\n".join(samples) + "\n")
-        handle.write("# EOF\n")
+            recording.add(generate_latest(registry).decode(), now)
+    recording.write(out)
     return now, booked_at
 
 

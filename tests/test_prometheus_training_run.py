@@ -32,7 +32,7 @@ from kwatt.workloads.podwatch import DEFAULT_WATCH_SETTINGS, ApiOwnerResolver
 from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import generate_latest
 from prometheus_client.registry import Collector
-from tsdb_prometheus import TsdbPrometheus
+from tsdb_prometheus import OpenMetricsRecording, TsdbPrometheus
 
 pytestmark = pytest.mark.slow
 
@@ -112,8 +112,7 @@ def simulate(out: Path, start: int, labels: dict[str, WorkloadLabels],
     web = WorkloadLabels("serving", "api-7d9f-abcde", "api", "api", "Deployment")
     containers.append(Container("api", web, start, start + WARMUP_S + RUN_S + 1800, 50.0,
                                 float(start)))
-    meta: dict[str, list[str]] = {}
-    points: dict[str, dict[str, list[str]]] = {}
+    recording = OpenMetricsRecording()
     booked_run = booked_short = 0.0
     end = float(start + WARMUP_S + RUN_S + 1800)
     now = float(start)
@@ -138,24 +137,8 @@ def simulate(out: Path, start: int, labels: dict[str, WorkloadLabels],
         snap = ledger.snapshot()
         if step % (SCRAPE_S // CYCLE_S):
             continue
-        family = ""
-        for line in generate_latest(registry).decode().splitlines():
-            if line.startswith("# EOF"):
-                continue
-            if line.startswith("#"):
-                family = line.split()[2]
-                if len(meta.setdefault(family, [])) < 2:
-                    meta[family].append(line)
-                continue
-            series, value = line.rsplit(" ", 1)
-            points.setdefault(family, {}).setdefault(series, []).append(
-                f"{series} {value} {now:.0f}")
-    with open(out, "w") as handle:
-        for family, lines in meta.items():
-            handle.write("\n".join(lines) + "\n")
-            for samples in points.get(family, {}).values():
-                handle.write("\n".join(samples) + "\n")
-        handle.write("# EOF\n")
+        recording.add(generate_latest(registry).decode(), now)
+    recording.write(out)
     return now, booked_run, booked_short
 
 

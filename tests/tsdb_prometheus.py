@@ -62,3 +62,35 @@ class TsdbPrometheus:
         self.proc.terminate()
         self.proc.wait(timeout=30)
         self.log.close()
+
+
+class OpenMetricsRecording:
+    """Scrapes of one registry at simulated times, written as timestamped OpenMetrics for
+    ``promtool tsdb create-blocks-from openmetrics`` (samples grouped by family, as it
+    requires)."""
+
+    def __init__(self) -> None:
+        self._meta: dict[str, list[str]] = {}
+        self._points: dict[str, dict[str, list[str]]] = {}
+
+    def add(self, exposition: str, at: float) -> None:
+        family = ""
+        for line in exposition.splitlines():
+            if line.startswith("# EOF"):
+                continue
+            if line.startswith("#"):
+                family = line.split()[2]
+                if len(self._meta.setdefault(family, [])) < 2:
+                    self._meta[family].append(line)
+                continue
+            series, value = line.rsplit(" ", 1)
+            self._points.setdefault(family, {}).setdefault(series, []).append(
+                f"{series} {value} {at:.0f}")
+
+    def write(self, path: Path) -> None:
+        with open(path, "w") as handle:
+            for family, lines in self._meta.items():
+                handle.write("\n".join(lines) + "\n")
+                for samples in self._points.get(family, {}).values():
+                    handle.write("\n".join(samples) + "\n")
+            handle.write("# EOF\n")
